@@ -1,0 +1,1 @@
+"""Requests to tokens: paged KV cache, block manager, scheduler, runner, sampler."""
