@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from disagg.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported lazily so `disagg --help` stays instant
+    import torch
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
@@ -33,6 +35,8 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """the engine (each flag also reads DISAGG_<FLAG> from the environment)"""
+
     model: str = field(default="smollm2-135m", metadata=_help("preset name, Hugging Face directory or .gguf file"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     dtype: str = field(default="auto", metadata=_help("auto (float32 on CPU, bfloat16 on CUDA), float32, "
@@ -46,7 +50,7 @@ class EngineConfig:
                                                                    "capped by the KV cache)"))
     enable_prefix_caching: bool = field(default=True, metadata=_help("reuse KV blocks of shared prompt prefixes"))
     threads: int | None = field(default=None, metadata=_help("torch threads for this engine (default: torch's)"))
-    seed: int = field(default=0, metadata=_help("seed for random weights and unseeded sampling"))
+    seed: int = field(default=0, metadata=_help("seed for random weights and for sampling"))
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -68,6 +72,8 @@ class EngineConfig:
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dev = torch.device(self.device)
@@ -76,6 +82,8 @@ class EngineConfig:
         return dev
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
+        import torch
+
         if self.dtype != "auto":
             return getattr(torch, self.dtype)
         if device.type == "cuda":

@@ -136,7 +136,8 @@ class LLMEngine:
         return Sequence(request_id, ids, len(ids), params, max_tokens)
 
     def add_request(self, request_id: str, prompt: str | Seq[int] | Sequence,
-                    params: SamplingParams | None = None, *, kv: ImportedKV | None = None, first_token_ids: Seq[int] = (), hold_blocks: bool = False) -> None:
+                    params: SamplingParams | None = None, *, kv: ImportedKV | None = None,
+                    first_token_ids: Seq[int] = (), hold_blocks: bool = False) -> None:
         """Queue a request. `kv`: the prompt's KV computed elsewhere; `first_token_ids`: tokens
         already sampled elsewhere (streamed by someone else, so not emitted again)."""
         if request_id in self._requests or request_id in self.scheduler.held:
@@ -216,7 +217,9 @@ class LLMEngine:
         stop_reason: int | str | None = None
         if stop_str is not None:
             reason, stop_reason = "stop", stop_str
-        elif token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.tokenizer.eos_token_ids):
+        elif token in seq.params.stop_token_ids or (
+            not seq.params.ignore_eos and token in self.tokenizer.eos_token_ids
+        ):
             reason, stop_reason = "stop", token
         elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"

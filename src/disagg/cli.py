@@ -1,0 +1,141 @@
+"""The `disagg` command: one subcommand per user task.
+
+Subcommands import their heavy modules (torch, the engine) only when run, so `disagg --help`
+answers at once. User errors print one line on stderr and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from disagg.kv.layout import format_bytes, kv_bytes_per_token
+    from disagg.model.presets import PRESETS
+
+    table = Table(title="disagg models (presets)")
+    for col in ("name", "weights", "params", "layers", "hidden", "heads q/kv/dim", "context", "KV/token fp16",
+                "KV/token fp32"):
+        table.add_column(col, justify="left" if col in ("name", "weights") else "right", no_wrap=True)
+    for p in PRESETS.values():
+        c = p.config
+        table.add_row(p.name, p.source, _count(c.num_params()), str(c.num_layers), str(c.hidden_size),
+                      f"{c.num_heads}/{c.num_kv_heads}/{c.head_dim}", f"{c.max_position_embeddings:,}",
+                      format_bytes(kv_bytes_per_token(c, "fp16")), format_bytes(kv_bytes_per_token(c, "fp32")))
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    for p in PRESETS.values():
+        console.print(f"  {p.name}: {p.description}", highlight=False)
+    console.print("KV bytes per token = 2 (K and V) x layers x kv_heads x head_dim x bytes per element; "
+                  "'random' presets have seeded random weights (shapes for benchmarks and size math).",
+                  highlight=False)
+    return 0
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """what to generate (each flag also reads DISAGG_<FLAG> from the environment)"""
+
+    prompt: str = field(default="", metadata=_help("the prompt text (required)"))
+    chat: bool = field(default=False, metadata=_help("wrap the prompt in the model's chat template"))
+    system: str | None = field(default=None, metadata=_help("system message for --chat"))
+    max_tokens: int = field(default=256, metadata=_help("most tokens to generate"))
+    temperature: float = field(default=0.0, metadata=_help("sampling temperature; 0 = greedy"))
+    top_k: int = field(default=0, metadata=_help("sample from the k most likely tokens; 0 = off"))
+    top_p: float = field(default=1.0, metadata=_help("nucleus sampling mass; 1 = off"))
+    stop: tuple[str, ...] = field(default=(), metadata=_help("stop string"))
+    ignore_eos: bool = field(default=False, metadata=_help("keep generating past end-of-sequence tokens"))
+    quiet: bool = field(default=False, metadata=_help("print only the generated text, no statistics"))
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from disagg.cli_args import config_from_args
+    from disagg.engine.config import EngineConfig
+    from disagg.engine.llm_engine import LLMEngine
+    from disagg.engine.sampling import SamplingParams
+    from disagg.errors import InvalidRequestError
+
+    opts = config_from_args(GenerateOptions, args)
+    if not opts.prompt:
+        raise InvalidRequestError("give a non-empty --prompt (or DISAGG_PROMPT)")
+    config = config_from_args(EngineConfig, args)
+    params = SamplingParams(max_tokens=opts.max_tokens, temperature=opts.temperature, top_k=opts.top_k,
+                            top_p=opts.top_p, seed=config.seed, stop=opts.stop, ignore_eos=opts.ignore_eos)
+    engine = LLMEngine(config)
+    prompt = opts.prompt
+    if opts.chat:
+        messages = ([{"role": "system", "content": opts.system}] if opts.system else []) + [
+            {"role": "user", "content": prompt}]
+        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    t0 = time.perf_counter()
+    engine.add_request("cli", prompt, params)
+    ttft = None
+    n_prompt = n_out = 0
+    reason = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+            n_prompt, n_out, reason = out.num_prompt_tokens, out.num_output_tokens, out.finish_reason
+    total = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    if not opts.quiet:
+        decode = (n_out - 1) / (total - ttft) if n_out > 1 and ttft is not None and total > ttft else 0.0
+        print(f"[{n_prompt} prompt tokens, {n_out} generated, finish: {reason}; TTFT {1000 * (ttft or 0):.0f} ms, "
+              f"decode {decode:.1f} tok/s on {engine.device.type}/{str(engine.dtype).removeprefix('torch.')}]",
+              file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from disagg import __version__
+    from disagg.cli_args import add_config_args
+    from disagg.engine.config import EngineConfig
+
+    parser = argparse.ArgumentParser(prog="disagg", description="Serve an LLM single, replicated or "
+                                     "disaggregated, measure it, and learn which one to run.")
+    parser.add_argument("--version", action="version", version=f"disagg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list model presets with parameter counts and KV bytes per token")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
+    add_config_args(p, GenerateOptions)
+    add_config_args(p, EngineConfig)
+    p.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from disagg.errors import DisaggError
+
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except DisaggError as e:
+        print(f"disagg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("disagg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
