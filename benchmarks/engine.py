@@ -101,7 +101,7 @@ def main() -> None:
     engine = LLMEngine(EngineConfig(model=args.model, threads=args.threads, device="cpu", kv_cache_memory="4GiB",
                                     max_num_batched_tokens=max(512, args.prompt_len)))
     cfg = engine.model_config
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    weight_bytes = cfg.num_params() * engine.kv_cache.layers[0].element_size()
     kv_token_bytes = engine.kv_cache.bytes_per_block(cfg, 1, engine.dtype)
     prompts = random_prompts(max(batches + hf_batches), args.prompt_len, cfg.vocab_size, seed=0)
 

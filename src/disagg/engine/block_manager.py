@@ -6,6 +6,11 @@ request with the same prefix shares it (ref count > 1). A block whose ref count 
 to the back of the free list but keeps its hash, so it can still be revived by a prefix hit
 until it is reused: eviction is least-recently-freed first.
 
+Placement: attention reads a sequence's K/V through a plain view when its blocks are consecutive,
+and must gather them otherwise (model/attention.py). So a new sequence starts at a run of free,
+uncached blocks long enough for its prompt plus max_tokens, softly claims that run, and grows
+into it block by block. Claims are hints: when blocks run short anyone may take a claimed block.
+
 Every check has its action: `can_allocate` / `allocate`.
 """
 
@@ -35,6 +40,9 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evict first
         self._cached: dict[bytes, int] = {}  # content hash -> block id
+        self._claims: dict[int, str] = {}  # free block id -> request id that means to grow into it
+        self._claimed_by: dict[str, list[int]] = {}
+        self._watermark = 0  # blocks at and above it were never handed out: one long free run
         self.hits = 0  # prefix-cache hits, in blocks
         self.queries = 0  # full prompt blocks looked up
 
@@ -111,13 +119,64 @@ class BlockManager:
             seq.block_table.append(block_id)
         seq.num_registered_blocks += len(cached)
         while len(seq.block_table) * self.block_size < num_tokens:
-            block_id, _ = self._free.popitem(last=False)
-            block = self.blocks[block_id]
-            if block.hash is not None:  # evict the cached content this block still held
-                del self._cached[block.hash]
-                block.hash = None
-            block.ref_count = 1
+            block_id = self._next_block(seq)
+            self._take(block_id)
             seq.block_table.append(block_id)
+
+    def _take(self, block_id: int) -> None:
+        del self._free[block_id]
+        owner = self._claims.pop(block_id, None)
+        if owner is not None:
+            self._claimed_by[owner].remove(block_id)
+        block = self.blocks[block_id]
+        if block.hash is not None:  # evict the cached content this block still held
+            del self._cached[block.hash]
+            block.hash = None
+        block.ref_count = 1
+
+    def _next_block(self, seq: Sequence) -> int:
+        """The block right after `seq`'s last one if it is free and not meant for another
+        sequence; else the start of a fresh run for `seq` to grow into; else the LRU free block."""
+        if seq.block_table:
+            nxt = seq.block_table[-1] + 1
+            if nxt in self._free and self._claims.get(nxt, seq.request_id) == seq.request_id:
+                return nxt
+        final_blocks = -(-(seq.num_prompt_tokens + seq.max_tokens) // self.block_size)
+        want = max(1, final_blocks - len(seq.block_table))
+        start = self._find_run(want)
+        if start is None:
+            return next(iter(self._free))
+        claimed = self._claimed_by.setdefault(seq.request_id, [])
+        for b in range(start, start + want):
+            if b not in self._free or b in self._claims:
+                break
+            self._claims[b] = seq.request_id
+            claimed.append(b)
+        return start
+
+    def _find_run(self, length: int) -> int | None:
+        """Start of the first run of `length` free, unclaimed, uncached blocks; else of the
+        longest such run; None if there is none. Never-used blocks are tried first, in O(length)."""
+        start = self._watermark
+        if start + length <= self.num_blocks and all(b in self._free and b not in self._claims
+                                                     for b in range(start, start + length)):
+            self._watermark = start + length
+            return start
+        best_start, best_len = None, 0
+        run_start, run_len = -2, 0
+        for b in sorted(self._free):
+            if b in self._claims or self.blocks[b].hash is not None:
+                run_len = 0
+                continue
+            if run_len and b == run_start + run_len:
+                run_len += 1
+            else:
+                run_start, run_len = b, 1
+            if run_len > best_len:
+                best_start, best_len = run_start, run_len
+                if best_len >= length:
+                    break
+        return best_start
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references; blocks nobody uses join the free list, tail blocks first so
@@ -128,6 +187,8 @@ class BlockManager:
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
                 self._free[block_id] = None
+        for block_id in self._claimed_by.pop(seq.request_id, ()):
+            del self._claims[block_id]
         seq.block_table = []
         seq.num_registered_blocks = 0
 

@@ -1,5 +1,10 @@
-"""The preallocated paged KV cache: one tensor per layer, [2 (K, V), blocks, block_size,
-kv_heads, head_dim], written by slot index, sized from a memory budget."""
+"""The preallocated paged KV cache: one tensor per layer, [2 (K, V), kv_heads, blocks,
+block_size, head_dim], written by slot index, sized from a memory budget.
+
+Head-major, so that one head's K over a run of consecutive blocks is a single matrix
+(model/attention.py reads it without copying). Exports of n blocks are
+[layers, 2, kv_heads, n, block_size, head_dim]: block axis BLOCK_DIM.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +12,33 @@ import torch
 
 from disagg.model.config import ModelConfig
 
+BLOCK_DIM = 3  # the block axis of an export
+
 
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
-        shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        # zeros, not empty: padded attention reads slots no token has written yet, and garbage
-        # there (NaN) would poison the masked softmax's matmul.
-        self.layers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        shape = (2, config.num_kv_heads, num_blocks, block_size, config.head_dim)
+        # empty, not zeros: attention reads exactly each sequence's written slots, never past them,
+        # and zeroing gigabytes up front would cost seconds of start-up.
+        self.layers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * config.num_layers * config.num_kv_heads * config.head_dim * block_size * elem
 
-    def block_shape(self) -> tuple[int, ...]:
-        """Shape of an export of n blocks, with n replaced by -1."""
-        _, _, bs, heads, dim = self.layers[0].shape
-        return (len(self.layers), 2, -1, bs, heads, dim)
+    def export_shape(self, num_blocks: int) -> tuple[int, ...]:
+        _, heads, _, bs, dim = self.layers[0].shape
+        return (len(self.layers), 2, heads, num_blocks, bs, dim)
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """Copy of the given blocks' K/V: [layers, 2, len(block_ids), block_size, kv_heads, head_dim]."""
+        """Copy of the given blocks' K/V, shaped `export_shape(len(block_ids))`."""
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.layers[0].device)
-        return torch.stack([layer.index_select(1, idx) for layer in self.layers])
+        return torch.stack([layer.index_select(BLOCK_DIM - 1, idx) for layer in self.layers])
 
     def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.layers[0].device)
         for layer, src in zip(self.layers, data, strict=True):
-            layer.index_copy_(1, idx, src.to(device=layer.device, dtype=layer.dtype))
+            layer.index_copy_(BLOCK_DIM - 1, idx, src.to(device=layer.device, dtype=layer.dtype))

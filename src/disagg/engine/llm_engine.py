@@ -18,7 +18,7 @@ import torch
 from disagg.engine.block_manager import BlockManager
 from disagg.engine.config import EngineConfig, parse_bytes
 from disagg.engine.detokenizer import IncrementalDetokenizer
-from disagg.engine.kv_cache import PagedKVCache
+from disagg.engine.kv_cache import BLOCK_DIM, PagedKVCache
 from disagg.engine.runner import ModelRunner
 from disagg.engine.sampler import TokenLogprob
 from disagg.engine.sampling import SamplingParams
@@ -33,7 +33,7 @@ from disagg.model.loader import load_model, resolve
 class ImportedKV:
     """KV of a prompt's first `num_tokens` tokens, as exported by another engine."""
 
-    data: torch.Tensor  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+    data: torch.Tensor  # [layers, 2, kv_heads, blocks, block_size, head_dim] (PagedKVCache.export_shape)
     num_tokens: int
 
 
@@ -160,9 +160,7 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def _check_import(self, seq: Sequence, kv: ImportedKV) -> None:
-        shape = self.kv_cache.block_shape()
-        blocks = -(-kv.num_tokens // self.config.block_size)
-        expected = (*shape[:2], blocks, *shape[3:])
+        expected = self.kv_cache.export_shape(-(-kv.num_tokens // self.config.block_size))
         if not 0 < kv.num_tokens <= seq.num_prompt_tokens:
             raise InvalidRequestError(
                 f"imported KV covers {kv.num_tokens} tokens; the prompt has {seq.num_prompt_tokens}")
@@ -203,7 +201,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         for seq in out.imports:
             data = self._imports.pop(seq.request_id)
-            self.kv_cache.write_blocks(seq.block_table[: data.shape[2]], data)
+            self.kv_cache.write_blocks(seq.block_table[: data.shape[BLOCK_DIM]], data)
         result = self.runner.execute(out)
         for seq in self.scheduler.update(out, result.tokens):
             outputs.append(self._process(seq, result.logprobs.get(seq.request_id)))

@@ -1,7 +1,7 @@
 """One engine step on the device: scheduled requests -> input tensors -> forward -> sampled tokens.
 
-The only engine module that touches tensors besides the KV cache. Inputs are laid out flat,
-single-token requests (decodes) first, then multi-token chunks (see model/attention.py).
+The only engine module that touches tensors besides the KV cache. Every scheduled request's new
+tokens are laid out flat, one span each (see model/attention.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from disagg.engine.kv_cache import PagedKVCache
 from disagg.engine.sampler import TokenLogprob, sample
 from disagg.engine.scheduler import SchedulerOutput
 from disagg.engine.sequence import Sequence
-from disagg.model.attention import AttentionMetadata, PrefillSpan, causal_chunk_mask
+from disagg.model.attention import AttentionMetadata, SeqSpan, causal_chunk_mask
 from disagg.model.llama import LlamaModel
 
 
@@ -51,54 +51,33 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[Sequence],
-                                                      list[int]]:
-        decodes = [(s, n) for s, n in out.scheduled if n == 1]
-        chunks = [(s, n) for s, n in out.scheduled if n > 1]
+    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                      list[Sequence], list[int]]:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        spans: list[SeqSpan] = []
         sample_seqs: list[Sequence] = []
         sample_rows: list[int] = []
-        bs = self.block_size
-
-        for seq, _ in decodes:
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            positions.append(p)
-            slots.extend(self._slots(seq, p, p + 1))
-            if p + 1 == seq.num_tokens:
-                sample_seqs.append(seq)
-                sample_rows.append(len(ids) - 1)
-        decode_tables = decode_mask = None
-        if decodes:
-            width = max(len(s.block_table) for s, _ in decodes)
-            decode_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in decodes],
-                                         dtype=torch.long)
-            ctx = torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes])
-            decode_mask = (torch.arange(width * bs)[None, :] < ctx[:, None])[:, None, None, :]
-
-        spans: list[PrefillSpan] = []
-        for seq, n in chunks:
+        bs, dev = self.block_size, self.device
+        for seq, n in out.scheduled:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             row = len(ids)
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(self._slots(seq, start, end))
-            table = torch.tensor(seq.block_table[: -(-end // bs)], dtype=torch.long, device=self.device)
-            spans.append(PrefillSpan(row, row + n, table, end, causal_chunk_mask(n, end, self.group, self.device)))
+            table = seq.block_table[: -(-end // bs)]
+            contiguous = table[-1] - table[0] == len(table) - 1 and table == list(range(table[0], table[-1] + 1))
+            spans.append(SeqSpan(
+                row, row + n, end,
+                first_block=table[0] if contiguous else None,
+                block_table=None if contiguous else torch.tensor(table, dtype=torch.long, device=dev),
+                mask=causal_chunk_mask(n, end, self.group, dev) if n > 1 else None,
+            ))
             if end == seq.num_tokens:
                 sample_seqs.append(seq)
                 sample_rows.append(row + n - 1)
-
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decodes=len(decodes),
-            decode_block_tables=None if decode_tables is None else decode_tables.to(dev),
-            decode_mask=None if decode_mask is None else decode_mask.to(dev),
-            prefills=spans,
-        )
+        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=dev), spans)
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
                 meta, sample_seqs, sample_rows)
 

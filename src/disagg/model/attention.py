@@ -1,12 +1,13 @@
 """Attention over a paged KV cache.
 
-A step's tokens arrive flattened, decodes first (one token each), then prefill chunks. Each
-layer writes its new K/V into the cache by slot, then reads every sequence's K/V back through its
-block table. Decodes are batched into one padded SDPA call; each prefill chunk gets its own call
-with a causal mask offset by the tokens it already has in the cache.
+A step's tokens arrive flattened; each sequence owns a span of rows. Every layer writes the new
+K/V into the cache by slot, then attends per sequence. Where a sequence's blocks are consecutive
+in the cache (the block manager arranges this when it can), its K/V are read through a view, with
+no copy; otherwise they are gathered through the block table. Reading K/V once is what bounds
+decode attention, so avoiding the gather's extra copy matters more than batching the calls.
 
-Grouped-query attention without copying K/V per query head: the query heads that share a KV head
-are folded into the query-length axis, so SDPA sees `kv_heads` heads.
+Grouped-query attention without repeating K/V: the query heads that share a KV head are folded
+into the query axis, so each KV head is one matmul.
 """
 
 from __future__ import annotations
@@ -18,23 +19,21 @@ import torch.nn.functional as F
 
 
 @dataclass
-class PrefillSpan:
-    """One sequence's chunk of new tokens: rows [start, end) of the flat batch."""
+class SeqSpan:
+    """One sequence's rows [start, end) of the flat batch, the last tokens of its context."""
 
     start: int
     end: int
-    block_table: torch.Tensor  # [num_blocks] int64
-    context_len: int  # tokens in the cache after this chunk (cached + new)
-    mask: torch.Tensor  # [group * chunk, context_len] bool, True = attend
+    context_len: int  # tokens in the cache after this step (cached + new)
+    first_block: int | None  # blocks [first_block, ...) hold the context consecutively; or None:
+    block_table: torch.Tensor | None  # gather the context through this table [num_blocks]
+    mask: torch.Tensor | None  # [group * (end - start), context_len] causal mask; None for one token
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token
-    num_decodes: int  # rows [0, num_decodes) are single-token decodes
-    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool
-    prefills: list[PrefillSpan]
+    spans: list[SeqSpan]
 
 
 def causal_chunk_mask(num_new: int, context_len: int, group: int, device: torch.device) -> torch.Tensor:
@@ -42,45 +41,47 @@ def causal_chunk_mask(num_new: int, context_len: int, group: int, device: torch.
     for the `group` query heads folded into the query axis."""
     q_pos = torch.arange(context_len - num_new, context_len, device=device)
     k_pos = torch.arange(context_len, device=device)
-    mask = k_pos[None, :] <= q_pos[:, None]
-    return mask.repeat(group, 1)
+    return (k_pos[None, :] <= q_pos[:, None]).repeat(group, 1)
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """cache: [2, num_blocks, block_size, kv_heads, head_dim]; k, v: [T, kv_heads, head_dim]."""
-    flat = cache.view(2, -1, cache.shape[-2], cache.shape[-1])
-    flat[0].index_copy_(0, slot_mapping, k)
-    flat[1].index_copy_(0, slot_mapping, v)
+    """cache: [2, kv_heads, num_blocks, block_size, head_dim]; k, v: [T, kv_heads, head_dim]."""
+    flat = cache.view(2, cache.shape[1], -1, cache.shape[-1])
+    flat[0].index_copy_(1, slot_mapping, k.transpose(0, 1))
+    flat[1].index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+
+def _context(cache: torch.Tensor, span: SeqSpan) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the span's context, [kv_heads, context_len, head_dim] each. The cache is
+    head-major, so consecutive blocks of one head form one matrix: a view, not a copy."""
+    kv_heads, head_dim = cache.shape[1], cache.shape[4]
+    if span.first_block is not None:
+        blocks = -(-span.context_len // cache.shape[3])
+        kv = cache[:, :, span.first_block : span.first_block + blocks]
+    else:
+        kv = cache.index_select(2, span.block_table)
+    kv = kv.reshape(2, kv_heads, -1, head_dim)[:, :, : span.context_len]
+    return kv[0], kv[1]
 
 
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, heads, head_dim] -> [T, heads, head_dim], reading K/V (already written) from `cache`."""
     _, num_heads, head_dim = q.shape
-    kv_heads = cache.shape[3]
+    kv_heads = cache.shape[1]
     group = num_heads // kv_heads
     out = torch.empty_like(q)
-
-    if meta.num_decodes:
-        n = meta.num_decodes
-        k = cache[0][meta.decode_block_tables]  # [n, blocks, block_size, kv_heads, hd]
-        v = cache[1][meta.decode_block_tables]
-        k = k.view(n, -1, kv_heads, head_dim).transpose(1, 2)  # [n, kv_heads, L, hd]
-        v = v.view(n, -1, kv_heads, head_dim).transpose(1, 2)
-        qd = q[:n].view(n, kv_heads, group, head_dim)
-        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.decode_mask, scale=scale)
-        out[:n] = o.reshape(n, num_heads, head_dim)
-
-    for span in meta.prefills:
+    for span in meta.spans:
         m = span.end - span.start
-        k = cache[0][span.block_table].view(-1, kv_heads, head_dim)[: span.context_len]
-        v = cache[1][span.block_table].view(-1, kv_heads, head_dim)[: span.context_len]
-        # [m, heads, hd] -> [kv_heads, group * m, hd]: queries of one KV head side by side
-        qp = q[span.start : span.end].view(m, kv_heads, group, head_dim).permute(1, 2, 0, 3)
-        qp = qp.reshape(kv_heads, group * m, head_dim)
-        o = F.scaled_dot_product_attention(
-            qp, k.transpose(0, 1), v.transpose(0, 1), attn_mask=span.mask, scale=scale
-        )  # [kv_heads, group * m, hd]
+        k, v = _context(cache, span)
+        # [m, heads, hd] -> [kv_heads, group * m, hd]: the queries of one KV head side by side
+        qs = q[span.start : span.end].view(m, kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        qs = qs.reshape(kv_heads, group * m, head_dim)
+        if span.mask is None:  # one new token sees its whole context: a plain softmax, no mask
+            unused = qs.new_empty(1, 1, 1).expand(kv_heads, group, k.shape[1])  # beta=0: never read
+            scores = torch.baddbmm(unused, qs, k.transpose(1, 2), beta=0, alpha=scale)
+            o = torch.bmm(scores.softmax(-1), v)
+        else:
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=span.mask, scale=scale)
         out[span.start : span.end] = o.view(kv_heads, group, m, head_dim).permute(2, 0, 1, 3).reshape(
-            m, num_heads, head_dim
-        )
+            m, num_heads, head_dim)
     return out

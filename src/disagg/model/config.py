@@ -91,7 +91,9 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(f"architecture {arch} is not supported; disagg runs {', '.join(SUPPORTED_ARCHITECTURES)}")
         heads = hf["num_attention_heads"]
-        rs = hf.get("rope_scaling") or {}
+        # transformers >= 5 writes `rope_parameters` (with rope_theta inside); older ones `rope_scaling`
+        rope_params = hf.get("rope_parameters") or {}
+        rs = hf.get("rope_scaling") or rope_params
         rope_type = rs.get("rope_type", rs.get("type", "default"))
         scaling = RopeScaling(
             rope_type=rope_type,
@@ -112,7 +114,7 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(hf.get("rope_theta") or rope_params.get("rope_theta") or 10000.0),
             rope_scaling=scaling,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),

@@ -16,6 +16,7 @@ from torch import nn
 
 from disagg.model.attention import AttentionMetadata, paged_attention, write_kv
 from disagg.model.config import ModelConfig, RopeScaling
+from disagg.model.cpu_linear import pack_linears
 
 
 class RMSNorm(nn.Module):
@@ -136,8 +137,17 @@ class LlamaModel(nn.Module):
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             h = layer(h, positions, self.rotary, cache, meta)
         h = self.norm(h[logits_rows])
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight).float()
+        if self.lm_head is None:
+            return F.linear(h, self.embed.weight).float()
+        return self.lm_head(h).float()
+
+    def pack_for_cpu(self) -> None:
+        """Prepack matmul weights for oneDNN (see cpu_linear.py); tied embeddings get a packed
+        copy for the output projection and keep the plain table for lookups."""
+        if self.lm_head is None:
+            self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+            self.lm_head.weight = self.embed.weight
+        pack_linears(self)
 
     def init_random(self, seed: int) -> None:
         """Seeded random weights (std 0.02, norms at 1), for presets without real weights."""

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from disagg.errors import ConfigError, ModelNotFoundError
 from disagg.kv.layout import format_bytes
 from disagg.model.config import ModelConfig
+from disagg.model.cpu_linear import packing_available
 from disagg.model.gguf_convert import ensure_converted
 from disagg.model.llama import LlamaModel
 from disagg.model.presets import PRESETS
@@ -121,4 +122,7 @@ def load_model(source: ModelSource, *, dtype: torch.dtype, device: torch.device,
         except KeyError as e:
             raise ConfigError(f"{source.weights_dir} lacks the weight {e.args[0]!r}") from e
         model.load_state_dict(ours, strict=True)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if device.type == "cpu" and dtype == torch.float32 and packing_available():
+        model.pack_for_cpu()
+    return model

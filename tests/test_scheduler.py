@@ -1,0 +1,104 @@
+"""Scheduler: token budget, decode priority, chunked prefill, admission, preemption."""
+
+from __future__ import annotations
+
+from disagg.engine.block_manager import BlockManager
+from disagg.engine.sampling import SamplingParams
+from disagg.engine.scheduler import Scheduler
+from disagg.engine.sequence import Sequence, Status
+
+
+def seq(rid: str, n: int, max_tokens: int = 8) -> Sequence:
+    tokens = [100 * len(rid) + i for i in range(n)]
+    return Sequence(rid, tokens, n, SamplingParams(max_tokens=max_tokens), max_tokens)
+
+
+def run_step(s: Scheduler) -> dict[str, int]:
+    out = s.schedule()
+    sampled = {q.request_id: 1 for q, n in out.scheduled if q.num_computed_tokens + n == q.num_tokens}
+    s.update(out, sampled)
+    return {q.request_id: n for q, n in out.scheduled}
+
+
+def test_budget_chunks_a_long_prompt():
+    s = Scheduler(BlockManager(64, 4, "m", enable_caching=False), max_num_seqs=4, max_num_batched_tokens=16)
+    s.add(seq("long", 40))
+    assert run_step(s) == {"long": 16}
+    assert run_step(s) == {"long": 16}
+    assert run_step(s) == {"long": 8}  # last chunk, then a token is sampled
+    assert s.running[0].num_output_tokens == 1
+
+
+def test_decodes_are_not_starved_by_a_long_prompt():
+    s = Scheduler(BlockManager(64, 4, "m", enable_caching=False), max_num_seqs=4, max_num_batched_tokens=16)
+    s.add(seq("d", 4))
+    run_step(s)  # d prefilled, now decoding
+    s.add(seq("long", 100))
+    for _ in range(5):
+        step = run_step(s)
+        assert step["d"] == 1
+        assert sum(step.values()) <= 16
+
+
+def test_running_prompt_chunks_come_before_new_admissions():
+    s = Scheduler(BlockManager(64, 4, "m", enable_caching=False), max_num_seqs=4, max_num_batched_tokens=16)
+    s.add(seq("a", 30))
+    s.add(seq("b", 30))
+    assert run_step(s) == {"a": 16}
+    assert run_step(s) == {"a": 14, "b": 2}
+
+
+def test_max_num_seqs_limits_admission():
+    s = Scheduler(BlockManager(64, 4, "m", enable_caching=False), max_num_seqs=2, max_num_batched_tokens=64)
+    for r in ("a", "bb", "ccc"):
+        s.add(seq(r, 4))
+    assert set(run_step(s)) == {"a", "bb"}
+    assert len(s.waiting) == 1
+
+
+def test_preemption_frees_the_newest_request_and_recomputes_it():
+    bm = BlockManager(6, 4, "m", enable_caching=False)
+    s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    a, b = seq("a", 8, max_tokens=40), seq("bb", 8, max_tokens=40)
+    s.add(a)
+    s.add(b)
+    run_step(s)  # both admitted: 2 blocks each, 2 free
+    preempted = False
+    for _ in range(12):
+        out = s.schedule()
+        preempted |= b in out.preempted
+        s.update(out, {q.request_id: 1 for q, n in out.scheduled if q.num_computed_tokens + n == q.num_tokens})
+    assert preempted
+    assert s.num_preemptions >= 1
+    assert a.status is Status.RUNNING  # the older request kept running
+    assert b.num_output_tokens >= 1  # its outputs survive preemption and are recomputed
+    assert bm.num_used_blocks == sum(len(q.block_table) for q in s.running)
+
+
+def test_finish_frees_blocks_unless_held_and_release_frees_them():
+    bm = BlockManager(16, 4, "m", enable_caching=False)
+    s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    a, b = seq("a", 8), seq("bb", 8)
+    b.hold_blocks = True
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    s.finish(a, "stop")
+    s.finish(b, "length")
+    assert bm.num_used_blocks == 2
+    assert "bb" in s.held
+    assert s.release("bb")
+    assert bm.num_used_blocks == 0
+    assert not s.release("bb")
+
+
+def test_abort_of_a_held_request_is_freed_at_once():
+    bm = BlockManager(16, 4, "m", enable_caching=False)
+    s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    a = seq("a", 8)
+    a.hold_blocks = True
+    s.add(a)
+    run_step(s)
+    s.finish(a, "abort")
+    assert bm.num_used_blocks == 0
+    assert not s.held
