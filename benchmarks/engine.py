@@ -91,14 +91,15 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--hf-batches", default="1,8")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA runs skip the CPU bandwidth probe)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
     batches = [int(b) for b in args.batches.split(",")]
     hf_batches = [] if args.no_hf else [int(b) for b in args.hf_batches.split(",")]
 
-    bw = memory_bandwidth()
-    engine = LLMEngine(EngineConfig(model=args.model, threads=args.threads, device="cpu", kv_cache_memory="4GiB",
+    bw = memory_bandwidth() if args.device == "cpu" else float("nan")
+    engine = LLMEngine(EngineConfig(model=args.model, threads=args.threads, device=args.device, kv_cache_memory="4GiB",
                                     max_num_batched_tokens=max(512, args.prompt_len)))
     cfg = engine.model_config
     weight_bytes = cfg.num_params() * engine.kv_cache.layers[0].element_size()
@@ -117,7 +118,8 @@ def main() -> None:
         gbs = (weight_bytes + b * ctx * kv_token_bytes) / step / 1e9
         rows.append(("decode", str(b), tps, hf[b][1] if b in hf else None, gbs))
 
-    table = Table(title=f"{args.model}, {args.threads} thread(s), fp32, prompt {args.prompt_len}, "
+    dtype = str(engine.dtype).removeprefix("torch.")
+    table = Table(title=f"{args.model} on {args.device}, {args.threads} thread(s), {dtype}, prompt {args.prompt_len}, "
                         f"{args.new_tokens} new tokens; memory bandwidth measured {bw / 1e9:.1f} GB/s")
     for col in ("phase", "batch", "disagg tok/s", "transformers tok/s", "ratio", "achieved GB/s", "% of bw"):
         table.add_column(col, justify="right")

@@ -52,9 +52,12 @@ def full_logits(model: LlamaModel, ids: list[int], block_size: int = 16) -> torc
     n = len(ids)
     blocks = -(-n // block_size)
     param = next(model.parameters())
-    caches = [torch.zeros(2, cfg.num_kv_heads, blocks, block_size, cfg.head_dim, dtype=param.dtype)
-              for _ in range(cfg.num_layers)]
+    caches = [torch.zeros(2, cfg.num_kv_heads, blocks, block_size, cfg.head_dim, dtype=param.dtype,
+                          device=param.device) for _ in range(cfg.num_layers)]
     group = cfg.num_heads // cfg.num_kv_heads
-    meta = AttentionMetadata(torch.arange(n), [SeqSpan(0, n, n, 0, None, causal_chunk_mask(n, n, group, param.device))])
+    dev = param.device
+    span = SeqSpan(0, n, n, first_block=0, block_table=None, mask=causal_chunk_mask(n, n, group, dev))
+    meta = AttentionMetadata(torch.arange(n, device=dev), [span])
     with torch.inference_mode():
-        return model(torch.tensor(ids), torch.arange(n), caches, meta, torch.arange(n))
+        positions = torch.arange(n, device=dev)
+        return model(torch.tensor(ids, device=dev), positions, caches, meta, positions)
