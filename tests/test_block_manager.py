@@ -113,3 +113,14 @@ def test_claimed_blocks_are_still_used_when_memory_is_short():
     assert bm.num_free_blocks == 0
     bm.free(a)
     bm.free(b)
+
+
+def test_hit_statistics_count_each_admission_once():
+    bm = BlockManager(16, BS, "m")
+    admit(bm, seq("a", list(range(9))))
+    b = seq("b", list(range(9)))
+    for _ in range(3):  # looked up repeatedly while waiting: not counted
+        bm.cached_prefix(b)
+    admit(bm, b)
+    assert bm.queries == 4  # two full blocks for each admission
+    assert bm.hits == 2

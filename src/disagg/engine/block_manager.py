@@ -43,8 +43,8 @@ class BlockManager:
         self._claims: dict[int, str] = {}  # free block id -> request id that means to grow into it
         self._claimed_by: dict[str, list[int]] = {}
         self._watermark = 0  # blocks at and above it were never handed out: one long free run
-        self.hits = 0  # prefix-cache hits, in blocks
-        self.queries = 0  # full prompt blocks looked up
+        self.hits = 0  # prefix-cache hits, in blocks, counted when a request is admitted
+        self.queries = 0  # full blocks looked up at admission
 
     @property
     def num_blocks(self) -> int:
@@ -77,8 +77,6 @@ class BlockManager:
             hits.append(block_id)
         if len(hits) * self.block_size >= seq.num_tokens:
             hits.pop()
-        self.queries += len(seq.block_hashes)
-        self.hits += len(hits)
         return hits
 
     def register_computed_blocks(self, seq: Sequence) -> None:
@@ -111,6 +109,9 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_tokens: int, cached: Seq[int] = ()) -> None:
         """Append `cached` blocks (shared) and fresh blocks until the table covers `num_tokens`."""
         assert self.can_allocate(seq, num_tokens, cached), "allocate() without a successful can_allocate()"
+        if not seq.block_table and self.enable_caching:  # admission: count the prefix lookup once
+            self.queries += len(seq.block_hashes)
+            self.hits += len(cached)
         for block_id in cached:
             block = self.blocks[block_id]
             if block.ref_count == 0:
