@@ -22,6 +22,10 @@ def test_digits_are_split_one_by_one(tok):
     assert pieces(tok, "2024") == ["2", "0", "2", "4"]
     assert pieces(tok, "a 12 b") == ["a", "Ġ", "1", "2", "Ġb"]
     assert pieces(tok, "x3.14") == ["x", "3", ".", "1", "4"]
+    # where it shows: spaces before a number stay one run, as in the original tokenizer.json
+    # (Sequence[Digits(individual), ByteLevel]); the GPT-2 split alone would give "ĠĠ", "Ġ", "4"
+    assert pieces(tok, "Total:   42") == ["Total", ":", "ĠĠĠ", "4", "2"]
+    assert pieces(tok, "[\n    10,") == ["[", "ĊĠĠĠĠ", "1", "0", ","]
 
 
 def test_special_tokens_are_atomic_and_skipped_on_decode(tok):
