@@ -102,6 +102,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from disagg.cli_args import config_from_args
+    from disagg.engine.config import EngineConfig
+    from disagg.serve.options import ServeOptions
+    from disagg.serve.worker import serve
+
+    serve(config_from_args(EngineConfig, args), config_from_args(ServeOptions, args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from disagg import __version__
     from disagg.cli_args import add_config_args
@@ -119,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, GenerateOptions)
     add_config_args(p, EngineConfig)
     p.set_defaults(func=_cmd_generate)
+
+    from disagg.serve.options import ServeOptions
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (one worker)")
+    add_config_args(p, ServeOptions)
+    add_config_args(p, EngineConfig)
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

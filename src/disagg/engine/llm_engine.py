@@ -147,6 +147,9 @@ class LLMEngine:
         seq.hold_blocks = hold_blocks
         detok = IncrementalDetokenizer(self.tokenizer, seq.params)
         if first_token_ids:
+            vocab = self.model_config.vocab_size
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in first_token_ids):
+                raise InvalidRequestError(f"first_token_ids must be integers in [0, {vocab})")
             if len(first_token_ids) >= seq.max_tokens:
                 raise InvalidRequestError("first_token_ids already reach max_tokens: nothing left to generate")
             seq.token_ids.extend(first_token_ids)

@@ -1,0 +1,43 @@
+"""Prometheus metrics of one worker, in a registry of its own (so tests can run several)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+disable_created_metrics()  # the *_created series only add noise to a scrape
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class WorkerMetrics:
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("disagg_requests", "Finished requests by finish reason", ["finish_reason"], registry=r)
+        self.errors = Counter("disagg_request_errors", "Requests answered with an error, by HTTP status", ["status"],
+                              registry=r)
+        self.prompt_tokens = Counter("disagg_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("disagg_generation_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("disagg_time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=_LATENCY_BUCKETS)
+        self.tpot = Histogram("disagg_time_per_output_token_seconds", "Mean time per output token after the first",
+                              registry=r, buckets=_LATENCY_BUCKETS)
+        self.kv_bytes_sent = Counter("disagg_kv_bytes_sent", "KV bytes served to decode workers", registry=r)
+        self.kv_bytes_received = Counter("disagg_kv_bytes_received", "KV bytes pulled from prefill workers",
+                                         registry=r)
+        self.kv_pull_failures = Counter("disagg_kv_pull_failures", "KV pulls that failed (fell back to recompute)",
+                                        registry=r)
+        self.kv_leases_expired = Counter("disagg_kv_leases_expired", "Held KV freed because no decode pulled it",
+                                         registry=r)
+        gauges = {
+            "running": ("disagg_requests_running", "Requests running in the engine"),
+            "waiting": ("disagg_requests_waiting", "Requests waiting for the engine"),
+            "held": ("disagg_kv_held_requests", "Finished prefills whose KV blocks are held for a decode worker"),
+            "kv_blocks_used": ("disagg_kv_blocks_used", "KV cache blocks in use"),
+            "kv_blocks_total": ("disagg_kv_blocks_total", "KV cache blocks in all"),
+            "prefix_cache_hits": ("disagg_prefix_cache_hit_blocks", "Prefix-cache hits, in blocks"),
+            "preemptions": ("disagg_preemptions", "Requests preempted for recompute"),
+        }
+        for key, (name, text) in gauges.items():
+            Gauge(name, text, registry=r).set_function(lambda key=key: stats()[key])

@@ -1,0 +1,169 @@
+"""The OpenAI-compatible wire format: request models, response and stream-chunk builders, errors.
+
+Requests are validated once, here, with pydantic; every field that arrives from the network is
+typed and bounded. Extra fields are ignored as OpenAI does, except those that would change the
+output and that we do not implement (n > 1, echo, penalties), which are refused with a 400.
+vLLM's extensions that matter for serving are accepted: top_k, ignore_eos, stop_token_ids,
+kv_transfer_params (the two-phase protocol) and our own first_token_ids inside it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from disagg.engine.sampling import MAX_LOGPROBS, SamplingParams
+from disagg.errors import InvalidRequestError
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class KVTransferParams(BaseModel):
+    """vLLM's kv_transfer_params; both directions of the two-phase protocol."""
+
+    model_config = ConfigDict(extra="allow")
+
+    do_remote_decode: bool = False  # proxy -> prefill: compute the prompt and hold its KV
+    do_remote_prefill: bool = False  # proxy -> decode: the KV is on the remote worker below
+    remote_engine_id: str | None = Field(default=None, max_length=256)
+    remote_host: str | None = Field(default=None, max_length=256)
+    remote_port: int | None = Field(default=None, ge=1, le=65535)
+    remote_block_ids: list[int] | None = Field(default=None, max_length=1_000_000)
+    remote_request_id: str | None = Field(default=None, max_length=256)
+    num_tokens: int | None = Field(default=None, ge=1)  # ours: prompt tokens the KV covers
+    first_token_ids: list[int] | None = Field(default=None, max_length=16)  # ours: tokens already sampled
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(default=None, max_length=512)
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = Field(default=None, max_length=512)
+    kv_transfer_params: KVTransferParams | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, v: float) -> float:
+        if v != 0.0:
+            raise ValueError("presence and frequency penalties are not supported; send 0")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError("at most 16 stop strings")
+        return v
+
+    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
+                              ignore_eos=self.ignore_eos, logprobs=logprobs)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] = Field(max_length=1_000_000)
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[int] | list[str]) -> str | list[int]:
+        if isinstance(v, list) and v and isinstance(v[0], str):
+            if len(v) != 1:
+                raise ValueError("only one prompt per request is supported")
+            return v[0]
+        return v
+
+    def sampling_params(self) -> SamplingParams:
+        return self._sampling(self.max_tokens, self.logprobs)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] = Field(max_length=1_000_000)
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequestError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    def sampling_params(self) -> SamplingParams:
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+# ---- responses ----
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def error_body(message: str, err_type: str = "invalid_request_error", code: int = 400,
+               param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def now() -> int:
+    return int(time.time())

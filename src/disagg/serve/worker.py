@@ -1,0 +1,356 @@
+"""The worker: one engine behind an OpenAI-compatible HTTP API, in one of three roles.
+
+- both: an ordinary server.
+- prefill: a request with kv_transfer_params.do_remote_decode computes the prompt and token 1,
+  keeps the blocks under a lease, and answers with where to pull them (vLLM's protocol).
+- decode: a request with kv_transfer_params.do_remote_prefill pulls those blocks over TCP, tells
+  the prefill side to release them, and continues; if the pull fails it recomputes the prompt.
+
+Any role serves ordinary requests too. /health is 503 until the model has loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from disagg.engine.async_engine import AsyncEngine, EngineDeadError
+from disagg.engine.config import EngineConfig
+from disagg.engine.llm_engine import ImportedKV, LLMEngine, RequestOutput
+from disagg.engine.sampler import TokenLogprob
+from disagg.engine.sampling import SamplingParams
+from disagg.errors import DisaggError, ModelNotFoundError
+from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError
+from disagg.serve.metrics import WorkerMetrics
+from disagg.serve.options import ServeOptions
+from disagg.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage
+
+log = logging.getLogger("disagg.worker")
+
+_EMPTY_STATS = dict.fromkeys(("running", "waiting", "held", "kv_blocks_used", "kv_blocks_total",
+                              "prefix_cache_hits", "preemptions"), 0)
+
+
+class Worker:
+    def __init__(self, engine_config: EngineConfig, opts: ServeOptions) -> None:
+        self.engine_config, self.opts = engine_config, opts
+        self.model_name = opts.served_model_name or engine_config.model
+        self.engine_id = uuid.uuid4().hex[:12]
+        self.engine: AsyncEngine | None = None
+        self.load_error: BaseException | None = None
+        self.metrics = WorkerMetrics(lambda: self.engine.engine.stats() if self.engine else _EMPTY_STATS)
+        self.leases: dict[str, float] = {}  # held request id -> monotonic expiry
+        secret = os.environ.get("DISAGG_KV_SECRET") or None
+        self.kv_server = KVServer(self._export, self._release, secret=secret, on_sent=self.metrics.kv_bytes_sent.inc)
+        self.kv_client = KVClient(secret=secret)
+        self.kv_port = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        if self.opts.role != "decode":
+            self.kv_port = await self.kv_server.start(self.opts.kv_host, self.opts.kv_port)
+        self._tasks = [asyncio.create_task(self._load()), asyncio.create_task(self._expire_leases())]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await self.kv_server.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    async def _load(self) -> None:
+        try:
+            self.engine = AsyncEngine(await asyncio.to_thread(LLMEngine, self.engine_config))
+            log.warning("worker ready: %s, role %s, http %s:%d, kv port %s", self.model_name, self.opts.role,
+                        self.opts.host, self.opts.port, self.kv_port or "-")
+        except BaseException as e:
+            self.load_error = e
+            log.error("model failed to load: %s", e)
+
+    async def _expire_leases(self) -> None:
+        period = min(1.0, self.opts.kv_lease / 4)
+        while True:
+            await asyncio.sleep(period)
+            t = time.monotonic()
+            for rid in [r for r, exp in self.leases.items() if exp <= t]:
+                self.leases.pop(rid, None)
+                if self.engine is not None and await self.engine.call(lambda e, rid=rid: e.release(rid)):
+                    self.metrics.kv_leases_expired.inc()
+
+    # ---- KV port callbacks ----
+
+    async def _export(self, rid: str) -> KVPayload:
+        if rid not in self.leases or self.engine is None:
+            raise KVTransferError(f"no KV held for request {rid!r} (released or lease expired)")
+        kv = await self.engine.call(lambda e: e.export_kv(rid))
+        return KVPayload(kv.data, kv.num_tokens)
+
+    async def _release(self, rid: str) -> bool:
+        if self.leases.pop(rid, None) is None or self.engine is None:
+            return False
+        return await self.engine.call(lambda e: e.release(rid))
+
+    # ---- requests ----
+
+    def ready_engine(self) -> AsyncEngine:
+        if self.engine is None or not self.engine.alive:
+            raise EngineNotReady("the model is still loading" if self.load_error is None and self.engine is None
+                                 else f"the engine is down: {self.load_error or self.engine.error}")
+        return self.engine
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise ModelNotFoundError(f"the model `{name}` does not exist; this worker serves `{self.model_name}`")
+
+    async def handle(self, req: CompletionRequest | ChatCompletionRequest, chat: bool) -> Response:
+        engine = self.ready_engine()
+        self.check_model(req.model)
+        params = req.sampling_params()
+        prompt = engine.engine.tokenizer.apply_chat_template(req.chat_messages()) if chat else req.prompt
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        kvp = req.kv_transfer_params
+        add: dict[str, Any] = {}
+        if kvp is not None and kvp.do_remote_decode:
+            params = dataclasses.replace(params, max_tokens=1)
+            add["hold_blocks"] = True
+        elif kvp is not None and kvp.do_remote_prefill:
+            add = await self._pull(engine, kvp)
+        t0 = time.perf_counter()
+        stream = engine.generate(prompt, params, request_id=rid, **add)
+        first = await anext(stream)  # bad input raises here, before any byte is sent
+        fmt = _Formatter(engine.engine, rid, self.model_name, chat, params)
+        if req.stream:
+            return StreamingResponse(self._sse(fmt, first, stream, t0, req.include_usage),
+                                     media_type="text/event-stream")
+        outs = [first] + [o async for o in stream]
+        self._record(outs[-1], t0, fmt.first_time)
+        extra = await self._after_prefill(engine, rid, outs) if add.get("hold_blocks") else None
+        return JSONResponse(fmt.whole(outs, kv_transfer_params=extra))
+
+    async def _after_prefill(self, engine: AsyncEngine, rid: str, outs: list[RequestOutput]) -> dict[str, Any] | None:
+        """Put the held blocks under a lease and say where to pull them; or free them at once when
+        the request already ended (token 1 was a stop)."""
+        if outs[-1].finish_reason != "length":
+            await engine.call(lambda e: e.release(rid))
+            return None
+        blocks, n = await engine.call(lambda e: (list(e.scheduler.held[rid].block_table),
+                                                 e.scheduler.held[rid].num_computed_tokens))
+        self.leases[rid] = time.monotonic() + self.opts.kv_lease
+        return {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
+                "remote_host": self.opts.kv_host, "remote_port": self.kv_port, "remote_block_ids": blocks,
+                "remote_request_id": rid, "num_tokens": n,
+                "first_token_ids": [t for o in outs for t in o.new_token_ids]}
+
+    async def _pull(self, engine: AsyncEngine, kvp: Any) -> dict[str, Any]:
+        first = tuple(kvp.first_token_ids or ())
+        if not (kvp.remote_host and kvp.remote_port and kvp.remote_request_id):
+            return {"first_token_ids": first}
+        try:
+            payload = await self.kv_client.pull(kvp.remote_host, kvp.remote_port, kvp.remote_request_id,
+                                                engine.engine.kv_cache.export_shape(-1))
+        except KVTransferError as e:
+            self.metrics.kv_pull_failures.inc()
+            log.warning("%s; recomputing the prompt instead", e)
+            return {"first_token_ids": first}
+        self.metrics.kv_bytes_received.inc(payload.data.numel() * payload.data.element_size())
+        return {"kv": ImportedKV(payload.data, payload.num_tokens), "first_token_ids": first}
+
+    async def _sse(self, fmt: _Formatter, first: RequestOutput, stream: AsyncIterator[RequestOutput], t0: float,
+                   include_usage: bool) -> AsyncIterator[str]:
+        last = first
+        try:
+            async with contextlib.aclosing(stream):
+                for chunk in fmt.chunks(first):
+                    yield _sse(chunk)
+                async for out in stream:
+                    last = out
+                    for chunk in fmt.chunks(out):
+                        yield _sse(chunk)
+            self._record(last, t0, fmt.first_time)
+            if include_usage:
+                yield _sse(fmt.usage_chunk(last))
+        except EngineDeadError as e:
+            self.metrics.errors.labels("503").inc()
+            yield _sse(error_body(str(e), "engine_dead", 503))
+        yield "data: [DONE]\n\n"
+
+    def _record(self, last: RequestOutput, t0: float, first_time: float | None) -> None:
+        m = self.metrics
+        m.requests.labels(last.finish_reason or "unknown").inc()
+        m.prompt_tokens.inc(last.num_prompt_tokens)
+        m.generation_tokens.inc(last.num_output_tokens)
+        if first_time is not None:
+            m.ttft.observe(first_time - t0)
+            if last.num_output_tokens > 1:
+                m.tpot.observe((time.perf_counter() - first_time) / (last.num_output_tokens - 1))
+
+
+class EngineNotReady(DisaggError):
+    http_status = 503
+    error_type = "service_unavailable"
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class _Formatter:
+    """RequestOutputs -> OpenAI response bodies and stream chunks, for completions and chat."""
+
+    def __init__(self, engine: LLMEngine, rid: str, model: str, chat: bool, params: SamplingParams) -> None:
+        self.tok = engine.tokenizer
+        self.rid, self.model, self.chat, self.params = rid, model, chat, params
+        self.created = now()
+        self.first_time: float | None = None
+        self._role_sent = False
+
+    def _logprobs(self, lps: list[TokenLogprob]) -> dict[str, Any] | None:
+        if self.params.logprobs is None:
+            return None
+        piece = self.tok.decode
+        if self.chat:
+            def entry(token_id: int, logprob: float) -> dict[str, Any]:
+                text = piece([token_id])
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+            return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}
+                                for lp in lps]}
+        return {"tokens": [piece([lp.token_id]) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{piece([t]): v for t, v in lp.top} for lp in lps], "text_offset": []}
+
+    def chunks(self, out: RequestOutput) -> list[dict[str, Any]]:
+        if self.first_time is None:
+            self.first_time = time.perf_counter()
+        base = {"id": self.rid, "created": self.created, "model": self.model}
+        if not self.chat:
+            return [base | {"object": "text_completion", "choices": [{
+                "index": 0, "text": out.new_text, "logprobs": self._logprobs(out.new_logprobs),
+                "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]}]
+        delta: dict[str, Any] = {"content": out.new_text}
+        if not self._role_sent:
+            delta = {"role": "assistant"} | delta
+            self._role_sent = True
+        return [base | {"object": "chat.completion.chunk", "choices": [{
+            "index": 0, "delta": delta, "logprobs": self._logprobs(out.new_logprobs),
+            "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]}]
+
+    def usage_chunk(self, last: RequestOutput) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": [],
+                "usage": usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)}
+
+    def whole(self, outs: list[RequestOutput], kv_transfer_params: dict[str, Any] | None) -> dict[str, Any]:
+        if self.first_time is None:
+            self.first_time = time.perf_counter()
+        last = outs[-1]
+        text = "".join(o.new_text for o in outs)
+        lps = self._logprobs([lp for o in outs for lp in o.new_logprobs])
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lps,
+                      "finish_reason": last.finish_reason, "stop_reason": last.stop_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": lps, "finish_reason": last.finish_reason,
+                      "stop_reason": last.stop_reason}
+        body = {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice],
+                "usage": usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)}
+        if kv_transfer_params is not None:
+            body["kv_transfer_params"] = kv_transfer_params
+        return body
+
+
+def error_response(status: int, message: str, err_type: str) -> JSONResponse:
+    return JSONResponse(error_body(message, err_type, status), status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        if err.get("type") == "json_invalid":
+            return "request body is not valid JSON"
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(worker: Worker) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await worker.start()
+        yield
+        await worker.stop()
+
+    app = FastAPI(title="disagg worker", lifespan=lifespan)
+
+    @app.exception_handler(DisaggError)
+    async def _disagg_error(request: Request, exc: DisaggError) -> JSONResponse:
+        worker.metrics.errors.labels(str(exc.http_status)).inc()
+        return error_response(exc.http_status, str(exc), exc.error_type)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        worker.metrics.errors.labels("400").inc()
+        return error_response(400, _validation_message(exc), "invalid_request_error")
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        worker.metrics.errors.labels("503").inc()
+        return error_response(503, str(exc), "service_unavailable")
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            worker.ready_engine()
+        except EngineNotReady as e:
+            return error_response(503, str(e), "service_unavailable")
+        return JSONResponse({"status": "ok", "role": worker.opts.role, "kv_port": worker.kv_port})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        engine = worker.engine
+        return {"object": "list", "data": [{
+            "id": worker.model_name, "object": "model", "created": now(), "owned_by": "disagg",
+            "max_model_len": engine.engine.max_model_len if engine else None}]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Response:
+        return await worker.handle(req, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest) -> Response:
+        return await worker.handle(req, chat=True)
+
+    return app
+
+
+def serve(engine_config: EngineConfig, opts: ServeOptions) -> None:
+    """Run a worker until SIGINT/SIGTERM (the CLI's `disagg serve`)."""
+    import uvicorn
+
+    cpus = opts.cpu_list()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+        if engine_config.threads is None:
+            engine_config = dataclasses.replace(engine_config, threads=len(cpus))
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(create_app(Worker(engine_config, opts)), host=opts.host, port=opts.port, log_level=opts.log_level,
+                timeout_graceful_shutdown=5)
