@@ -11,9 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+from disagg.cli_args import described as _help
 
 
 def _count(n: int) -> str:
@@ -112,6 +110,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    from disagg.cli_args import config_from_args
+    from disagg.serve.options import ProxyOptions
+    from disagg.serve.proxy import run_proxy
+
+    run_proxy(config_from_args(ProxyOptions, args))
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from disagg.cli_args import config_from_args
+    from disagg.engine.config import EngineConfig
+    from disagg.serve.launcher import up
+    from disagg.serve.options import UpOptions
+
+    return up(config_from_args(UpOptions, args), config_from_args(EngineConfig, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from disagg import __version__
     from disagg.cli_args import add_config_args
@@ -130,12 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, EngineConfig)
     p.set_defaults(func=_cmd_generate)
 
-    from disagg.serve.options import ServeOptions
+    from disagg.serve.options import ProxyOptions, ServeOptions, UpOptions
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (one worker)")
     add_config_args(p, ServeOptions)
     add_config_args(p, EngineConfig)
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("proxy", help="one OpenAI endpoint in front of workers: single, replicated or disaggregated")
+    add_config_args(p, ProxyOptions)
+    p.set_defaults(func=_cmd_proxy)
+
+    p = sub.add_parser("up", help="start a local cluster of one architecture on a budget of cores or GPUs")
+    add_config_args(p, UpOptions)
+    add_config_args(p, EngineConfig)
+    p.set_defaults(func=_cmd_up)
     return parser
 
 

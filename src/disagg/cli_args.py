@@ -20,6 +20,11 @@ C = TypeVar("C")
 ENV_PREFIX = "DISAGG_"
 
 
+def described(text: str) -> dict[str, str]:
+    """Field metadata carrying a setting's help text: `field(default=..., metadata=described("..."))`."""
+    return {"help": text}
+
+
 def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from disagg.cli_args import described as _help
 from disagg.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported lazily so `disagg --help` stays instant
@@ -27,10 +28,6 @@ def parse_bytes(text: str | int) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ConfigError(f"cannot read {text!r} as a size; write e.g. 2GiB, 512MiB or 1000000")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass(frozen=True)

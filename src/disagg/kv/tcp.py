@@ -159,11 +159,7 @@ class KVClient:
                     release: bool) -> KVPayload:
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            hello = await _read_frame(reader)
-            if hello.get("challenge"):
-                if not self._secret:
-                    raise KVTransferError("the KV server wants a secret: set DISAGG_KV_SECRET")
-                writer.write(_frame({"op": "auth", "mac": _mac(self._secret, str(hello["challenge"]))}))
+            await self._hello(reader, writer)
             writer.write(_frame({"op": "pull", "request_id": rid}))
             await writer.drain()
             head = await _read_frame(reader)
@@ -181,6 +177,30 @@ class KVClient:
             return KVPayload(data, head["num_tokens"])
         finally:
             writer.close()
+
+    async def release(self, host: str, port: int, request_id: str) -> bool:
+        """Tell a KV server to free a request's held blocks without pulling them."""
+        try:
+            return await asyncio.wait_for(self._release(host, port, request_id), self.timeout)
+        except (OSError, asyncio.IncompleteReadError, msgpack.UnpackException, TimeoutError) as e:
+            raise KVTransferError(f"KV release at {host}:{port} failed: {e!r}") from e
+
+    async def _release(self, host: str, port: int, rid: str) -> bool:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            await self._hello(reader, writer)
+            writer.write(_frame({"op": "release", "request_id": rid}))
+            await writer.drain()
+            return bool((await _read_frame(reader)).get("ok"))
+        finally:
+            writer.close()
+
+    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = await _read_frame(reader)
+        if hello.get("challenge"):
+            if not self._secret:
+                raise KVTransferError("the KV server wants a secret: set DISAGG_KV_SECRET")
+            writer.write(_frame({"op": "auth", "mac": _mac(self._secret, str(hello["challenge"]))}))
 
     @staticmethod
     def _check(head: dict[str, Any], expected: tuple[int, ...] | None) -> tuple[tuple[int, ...], torch.dtype]:

@@ -1,16 +1,17 @@
-"""Typed options of a worker process (kept light: the CLI builds its flags from it at start-up)."""
+"""Typed options of the serving commands: worker, proxy and launcher.
+
+Kept free of heavy imports: the CLI builds its flags from these classes at start-up."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from disagg.cli_args import described as _help
 from disagg.errors import ConfigError
 
 ROLES = ("both", "prefill", "decode")
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+MODES = ("single", "replicated", "disaggregated")
+ARCHS = ("single", "replicated", "disaggregated", "single-all")
 
 
 @dataclass(frozen=True)
@@ -49,3 +50,69 @@ class ServeOptions:
         except ValueError:
             raise ConfigError(f"cpus must look like 0,1 or 2-3, got {self.cpus!r}") from None
         return cpus
+
+
+@dataclass(frozen=True)
+class ProxyOptions:
+    """the proxy (each flag also reads DISAGG_<FLAG> from the environment)"""
+
+    mode: str = field(default="single", metadata=_help("single, replicated or disaggregated"))
+    worker: tuple[str, ...] = field(default=(), metadata=_help("worker URL (single, replicated)"))
+    prefill: tuple[str, ...] = field(default=(), metadata=_help("prefill worker URL (disaggregated)"))
+    decode: tuple[str, ...] = field(default=(), metadata=_help("decode worker URL (disaggregated)"))
+    host: str = field(default="127.0.0.1", metadata=_help("HTTP bind address"))
+    port: int = field(default=8000, metadata=_help("HTTP port"))
+    stream_first_token: bool = field(default=True, metadata=_help("send token 1 from prefill at once and pass it "
+                                                                  "to decode (off: decode recomputes it, as vLLM)"))
+    timeout: float = field(default=600.0, metadata=_help("seconds to wait for a worker's answer"))
+    log_level: str = field(default="warning", metadata=_help("uvicorn log level"))
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "single" and len(self.worker) != 1:
+            raise ConfigError("--mode single takes exactly one --worker URL")
+        if self.mode == "replicated" and not self.worker:
+            raise ConfigError("--mode replicated takes one or more --worker URLs")
+        if self.mode == "disaggregated" and not (self.prefill and self.decode):
+            raise ConfigError("--mode disaggregated takes --prefill URL(s) and --decode URL(s)")
+        for url in (*self.worker, *self.prefill, *self.decode):
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"worker URL {url!r} must start with http:// or https://")
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """the local cluster (each flag also reads DISAGG_<FLAG> from the environment)"""
+
+    arch: str = field(default="single", metadata=_help("single, replicated, disaggregated, or single-all (one "
+                                                       "worker given the whole budget)"))
+    budget: int = field(default=2, metadata=_help("units to use: CPU cores, or GPUs when the device is CUDA"))
+    prefill: int | None = field(default=None, metadata=_help("prefill units (disaggregated; default: half)"))
+    decode: int | None = field(default=None, metadata=_help("decode units (disaggregated; default: the rest)"))
+    host: str = field(default="127.0.0.1", metadata=_help("bind address of the proxy and workers"))
+    port: int = field(default=8000, metadata=_help("the proxy's port, the cluster's endpoint"))
+    stream_first_token: bool = field(default=True, metadata=_help("disaggregated: stream token 1 from prefill"))
+    kv_lease: float = field(default=30.0, metadata=_help("seconds a prefill worker holds KV for decode"))
+    startup_timeout: float = field(default=300.0, metadata=_help("seconds to wait for every worker's /health"))
+    log_dir: str | None = field(default=None, metadata=_help("where worker logs go (default: a temporary folder)"))
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.budget < 1:
+            raise ConfigError(f"budget must be at least 1 unit, got {self.budget}")
+        if self.arch != "disaggregated" and (self.prefill or self.decode):
+            raise ConfigError("--prefill and --decode apply to --arch disaggregated only")
+        if self.arch == "disaggregated":
+            if self.budget < 2:
+                raise ConfigError("disaggregated needs a budget of at least 2 units (one prefill, one decode)")
+            p, d = self.split()
+            if p < 1 or d < 1 or p + d > self.budget:
+                raise ConfigError(f"--prefill {p} + --decode {d} must each be >= 1 and fit the budget of {self.budget}")
+
+    def split(self) -> tuple[int, int]:
+        """(prefill units, decode units) of a disaggregated cluster."""
+        p = self.prefill if self.prefill is not None else max(1, self.budget // 2)
+        d = self.decode if self.decode is not None else self.budget - p
+        return p, d

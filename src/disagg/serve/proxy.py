@@ -1,0 +1,247 @@
+"""The proxy: one OpenAI-compatible endpoint in front of workers, in three modes.
+
+- single / replicated: forward each request to a worker (round-robin), streams passed through
+  byte for byte.
+- disaggregated: the two-phase protocol. The request goes to a prefill worker with max_tokens=1
+  and kv_transfer_params.do_remote_decode; its answer (token 1 and where the KV is held) goes with
+  the original request to a decode worker, which pulls the KV and streams the rest. With
+  --stream-first-token (our extension, on by default) the proxy sends token 1 to the client as
+  soon as prefill answers and passes it to decode, so TTFT excludes the KV transfer; without it
+  the decode worker recomputes the last prompt position, as vLLM's does, and the proxy can front
+  vLLM workers.
+
+A worker that refuses connections is skipped for a few seconds and the request goes to the next
+one; a worker that dies mid-stream ends the client's stream with an error event, never a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from disagg.kv.tcp import KVClient, KVTransferError
+from disagg.serve.options import ProxyOptions
+from disagg.serve.protocol import error_body, new_id, now
+from disagg.serve.routing import RoundRobin, RoutingPolicy, WorkerHealth
+
+log = logging.getLogger("disagg.proxy")
+
+
+class UpstreamError(Exception):
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(body.get("error", {}).get("message", "upstream error"))
+        self.status, self.body = status, body
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+class Proxy:
+    def __init__(self, opts: ProxyOptions, policy: RoutingPolicy | None = None) -> None:
+        self.opts = opts
+        self.policy = policy or RoundRobin()
+        self.health = WorkerHealth()
+        self.kv_client = KVClient()
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(opts.timeout, connect=5.0),
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def pools(self) -> dict[str, tuple[str, ...]]:
+        if self.opts.mode == "disaggregated":
+            return {"prefill": self.opts.prefill, "decode": self.opts.decode}
+        return {"workers": self.opts.worker}
+
+    # ---- sending ----
+
+    async def _open(self, pool: str, path: str, body: dict[str, Any], stream: bool) -> tuple[str, httpx.Response]:
+        """Send to a worker of `pool`, moving on to the next one while connections are refused."""
+        workers = self.pools()[pool]
+        tried: set[str] = set()
+        while True:
+            candidates = [w for w in self.health.healthy(workers) if w not in tried] or [
+                w for w in workers if w not in tried]
+            if not candidates:
+                raise UpstreamError(502, error_body(f"no {pool} worker is reachable ({', '.join(workers)})",
+                                                    "bad_gateway", 502))
+            url = self.policy.select(pool, candidates, body)
+            tried.add(url)
+            try:
+                req = self.client.build_request("POST", url + path, json=body)
+                resp = await self.client.send(req, stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                log.warning("worker %s unreachable: %s", url, e)
+                self.health.mark_down(url)
+                continue
+            except httpx.HTTPError as e:
+                raise UpstreamError(502, error_body(f"worker {url} failed: {e!r}", "bad_gateway", 502)) from e
+            self.health.mark_up(url)
+            if resp.status_code != 200:
+                data = (await resp.aread()) if stream else resp.content
+                await resp.aclose()
+                try:
+                    err = json.loads(data)
+                except ValueError:
+                    err = error_body(f"worker {url} answered {resp.status_code}", "bad_gateway", 502)
+                raise UpstreamError(resp.status_code, err)
+            return url, resp
+
+    async def _passthrough(self, url: str, resp: httpx.Response, body: dict[str, Any],
+                           head: list[bytes] = ()) -> AsyncIterator[bytes]:
+        try:
+            for chunk in head:
+                yield chunk
+            async for chunk in resp.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as e:
+            log.warning("worker %s failed mid-stream: %r", url, e)
+            yield _sse(error_body(f"worker {url} failed mid-stream: {e!r}", "bad_gateway", 502))
+            yield b"data: [DONE]\n\n"
+        finally:
+            await resp.aclose()
+            self.policy.on_complete(url, body)
+
+    # ---- modes ----
+
+    async def handle(self, request: Request, path: str) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return JSONResponse(error_body("request body is not valid JSON"), status_code=400)
+        if not isinstance(body, dict):
+            return JSONResponse(error_body("request body must be a JSON object"), status_code=400)
+        try:
+            if self.opts.mode == "disaggregated" and body.get("max_tokens", body.get("max_completion_tokens")) != 1:
+                return await self._two_phase(request, path, body)
+            pool = "prefill" if self.opts.mode == "disaggregated" else "workers"
+            return await self._forward(pool, path, body)
+        except UpstreamError as e:
+            return JSONResponse(e.body, status_code=e.status)
+
+    async def _forward(self, pool: str, path: str, body: dict[str, Any]) -> Response:
+        stream = bool(body.get("stream"))
+        url, resp = await self._open(pool, path, body, stream)
+        if stream:
+            return StreamingResponse(self._passthrough(url, resp, body), media_type="text/event-stream")
+        self.policy.on_complete(url, body)
+        return Response(resp.content, media_type="application/json")
+
+    async def _two_phase(self, request: Request, path: str, body: dict[str, Any]) -> Response:
+        chat = path.endswith("chat/completions")
+        pre_body = {k: v for k, v in body.items() if k not in ("stream_options", "max_completion_tokens")}
+        pre_body |= {"max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True}}
+        prefill_url, resp = await self._open("prefill", path, pre_body, stream=False)
+        self.policy.on_complete(prefill_url, pre_body)
+        pre = resp.json()
+        kvp = pre.pop("kv_transfer_params", None)
+        if kvp is None:  # token 1 already ended the request (a stop token): that is the answer
+            return self._as_client_answer(pre, chat, bool(body.get("stream")), body)
+        if await request.is_disconnected():
+            await self._release(kvp)
+            return Response(status_code=499)
+        first_text = _choice_text(pre, chat)
+        if not self.opts.stream_first_token:
+            kvp = {k: v for k, v in kvp.items() if k != "first_token_ids"}
+        dec_body = body | {"kv_transfer_params": kvp}
+        stream = bool(body.get("stream"))
+        try:
+            decode_url, dresp = await self._open("decode", path, dec_body, stream)
+        except UpstreamError:
+            await self._release(kvp)
+            raise
+        if stream:
+            head = [_sse(_first_chunk(pre, first_text, chat))] if self.opts.stream_first_token else []
+            return StreamingResponse(self._passthrough(decode_url, dresp, dec_body, head),
+                                     media_type="text/event-stream")
+        self.policy.on_complete(decode_url, dec_body)
+        answer = dresp.json()
+        if self.opts.stream_first_token:
+            _prepend_text(answer, first_text, chat)
+        return JSONResponse(answer)
+
+    async def _release(self, kvp: dict[str, Any]) -> None:
+        with contextlib.suppress(KVTransferError, KeyError, TypeError):
+            await self.kv_client.release(kvp["remote_host"], kvp["remote_port"], kvp["remote_request_id"])
+
+    def _as_client_answer(self, pre: dict[str, Any], chat: bool, stream: bool, body: dict[str, Any]) -> Response:
+        if not stream:
+            return JSONResponse(pre)
+        chunk = _first_chunk(pre, _choice_text(pre, chat), chat)
+        chunk["choices"][0]["finish_reason"] = pre["choices"][0].get("finish_reason")
+        parts = [_sse(chunk)]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            parts.append(_sse({k: v for k, v in chunk.items() if k != "choices"} | {"choices": [],
+                                                                                 "usage": pre.get("usage")}))
+        parts.append(b"data: [DONE]\n\n")
+        return Response(b"".join(parts), media_type="text/event-stream")
+
+
+def _choice_text(resp: dict[str, Any], chat: bool) -> str:
+    choice = resp["choices"][0]
+    return choice["message"]["content"] if chat else choice["text"]
+
+
+def _first_chunk(pre: dict[str, Any], text: str, chat: bool) -> dict[str, Any]:
+    base = {"id": pre.get("id", new_id("cmpl")), "created": pre.get("created", now()), "model": pre.get("model")}
+    if chat:
+        return base | {"object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": None}]}
+    return base | {"object": "text_completion", "choices": [
+        {"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
+
+
+def _prepend_text(answer: dict[str, Any], text: str, chat: bool) -> None:
+    choice = answer["choices"][0]
+    if chat:
+        choice["message"]["content"] = text + (choice["message"].get("content") or "")
+    else:
+        choice["text"] = text + choice["text"]
+
+
+def create_app(proxy: Proxy) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await proxy.close()
+
+    app = FastAPI(title="disagg proxy", lifespan=lifespan)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "mode": proxy.opts.mode, "pools": proxy.pools()}
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        for pool in proxy.pools().values():
+            for url in pool:
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await proxy.client.get(url + "/v1/models")
+                    return Response(r.content, status_code=r.status_code, media_type="application/json")
+        return JSONResponse(error_body("no worker is reachable", "bad_gateway", 502), status_code=502)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await proxy.handle(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await proxy.handle(request, "/v1/chat/completions")
+
+    return app
+
+
+def run_proxy(opts: ProxyOptions) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(create_app(Proxy(opts)), host=opts.host, port=opts.port, log_level=opts.log_level,
+                timeout_graceful_shutdown=5)
