@@ -167,6 +167,8 @@ class Cluster:
         return "(no log)"
 
     def start(self) -> Cluster:
+        if self.procs:  # already started
+            return self
         try:
             deadline = time.monotonic() + self.opts.startup_timeout
             for spec in self.workers:

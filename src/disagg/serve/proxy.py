@@ -71,7 +71,8 @@ class Proxy:
             candidates = [w for w in self.health.healthy(workers) if w not in tried] or [
                 w for w in workers if w not in tried]
             if not candidates:
-                raise UpstreamError(502, error_body(f"no {pool} worker is reachable ({', '.join(workers)})",
+                kind = "" if pool == "workers" else f"{pool} "
+                raise UpstreamError(502, error_body(f"no {kind}worker is reachable ({', '.join(workers)})",
                                                     "bad_gateway", 502))
             url = self.policy.select(pool, candidates, body)
             tried.add(url)

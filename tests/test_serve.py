@@ -1,0 +1,205 @@
+"""The three architectures as real processes on loopback, through the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import make_engine
+from disagg.engine.config import EngineConfig
+from disagg.engine.sampling import SamplingParams
+from disagg.kv.layout import kv_bytes_per_token
+from disagg.model.presets import PRESETS
+from disagg.serve.launcher import Cluster, free_port
+from disagg.serve.options import UpOptions
+
+MODEL = "smollm2-135m"
+ENGINE = EngineConfig(model=MODEL, kv_cache_memory="256MiB", device="cpu")
+PROMPTS = [
+    "The capital of France is",
+    "List three colours of the rainbow:",
+    "def add(a, b):\n    return",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+]
+MAX_TOKENS = 8
+
+
+def start(arch: str, **kw) -> Cluster:
+    budget = kw.pop("budget", 1 if arch == "single" else 2)
+    opts = UpOptions(arch=arch, budget=budget, port=free_port(), startup_timeout=120, **kw)
+    return Cluster(opts, kw.pop("engine", ENGINE)).start()
+
+
+@pytest.fixture(scope="module", params=["single", "replicated", "disaggregated"])
+def cluster(request):
+    c = start(request.param)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Greedy outputs of an in-process engine with a worker's settings (one thread)."""
+    engine = make_engine(model=MODEL, kv_cache_memory="256MiB", threads=1)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    return [c.text for c in engine.generate(PROMPTS, params)]
+
+
+def client(c: Cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(disagg_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+
+
+def wait_until(predicate, timeout: float = 15.0) -> bool:
+    """Poll for an effect that happens asynchronously (an abort, a lease expiry), with a deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def all_blocks_free(c: Cluster) -> bool:
+    return all(metrics(u)["disagg_kv_blocks_used"] == 0 and metrics(u)["disagg_kv_held_requests"] == 0
+               and metrics(u)["disagg_requests_running"] == 0 for u in c.worker_urls().values())
+
+
+def test_greedy_completions_match_the_reference(cluster, reference):
+    cl = client(cluster)
+    kw = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    texts = [cl.completions.create(prompt=p, **kw).choices[0].text for p in PROMPTS]
+    assert texts == reference
+    streamed = ["".join(ch.choices[0].text for ch in cl.completions.create(prompt=p, stream=True, **kw))
+                for p in PROMPTS]
+    assert streamed == reference
+    assert wait_until(lambda: all_blocks_free(cluster))
+
+
+def test_chat_streaming_with_usage(cluster):
+    cl = client(cluster)
+    stream = cl.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of "
+                                                                "France?"}], max_tokens=30, temperature=0,
+                                        stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert chunks[-1].usage is not None
+    assert 0 < chunks[-1].usage.completion_tokens <= 30
+    whole = cl.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of "
+                                                              "France?"}], max_tokens=30, temperature=0)
+    assert whole.choices[0].message.content == text
+    assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens
+
+
+def test_eight_concurrent_requests_of_mixed_lengths(cluster):
+    async def main():
+        cl = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        prompts = [" ".join(["word"] * (5 + 40 * i)) for i in range(8)]
+        outs = await asyncio.gather(*(cl.completions.create(model=MODEL, prompt=p, max_tokens=4 + i, temperature=0,
+                                                            extra_body={"ignore_eos": True})
+                                      for i, p in enumerate(prompts)))
+        await cl.close()
+        return outs
+
+    outs = asyncio.run(main())
+    assert [o.usage.completion_tokens for o in outs] == [4 + i for i in range(8)]
+    assert all(o.choices[0].finish_reason == "length" for o in outs)
+    assert wait_until(lambda: all_blocks_free(cluster))
+
+
+def test_errors_are_openai_errors(cluster):
+    cl = client(cluster)
+    limit = httpx.get(cluster.url + "/v1/models").json()["data"][0]["max_model_len"]
+    with pytest.raises(openai.BadRequestError) as e:
+        cl.completions.create(model=MODEL, prompt="word " * (limit + 10), max_tokens=4)
+    assert f"maximum context length is {limit} tokens" in str(e.value)
+    assert f"the prompt has {limit + 11}" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        cl.completions.create(model="no-such-model", prompt="hi", max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        cl.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=-1)
+    r = httpx.post(cluster.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"]
+    # and the cluster still serves
+    assert cl.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_client_disconnect_aborts_on_every_worker(cluster):
+    with httpx.stream("POST", cluster.url + "/v1/completions", timeout=60,
+                      json={"model": MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 2000, "temperature": 0,
+                            "ignore_eos": True, "stream": True}) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+    assert any(line.startswith("data:") for line in got)
+    assert wait_until(lambda: all_blocks_free(cluster))
+
+
+def test_disaggregated_kv_bytes_match_the_size_formula():
+    with start("disaggregated") as c:
+        decode = next(u for n, u in c.worker_urls().items() if n.startswith("decode"))
+        prefill = next(u for n, u in c.worker_urls().items() if n.startswith("prefill"))
+        per_token = kv_bytes_per_token(PRESETS[MODEL].config, "fp32")
+        for prompt in PROMPTS:
+            before = metrics(decode)["disagg_kv_bytes_received_total"]
+            r = client(c).completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0)
+            n = r.usage.prompt_tokens
+            blocks = -(-n // 16)  # whole blocks move, as in vLLM
+            assert metrics(decode)["disagg_kv_bytes_received_total"] - before == blocks * 16 * per_token
+        assert metrics(prefill)["disagg_kv_bytes_sent_total"] == metrics(decode)["disagg_kv_bytes_received_total"]
+        assert metrics(decode)["disagg_kv_pull_failures_total"] == 0
+        assert wait_until(lambda: all_blocks_free(c))
+
+
+def test_lease_expiry_frees_blocks_decode_never_pulled():
+    with start("disaggregated", kv_lease=1.0) as c:
+        prefill = next(u for n, u in c.worker_urls().items() if n.startswith("prefill"))
+        r = httpx.post(prefill + "/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": "A prompt whose KV nobody pulls", "max_tokens": 8,
+            "kv_transfer_params": {"do_remote_decode": True}})
+        assert r.json()["kv_transfer_params"]["remote_block_ids"]
+        assert metrics(prefill)["disagg_kv_held_requests"] == 1
+        assert wait_until(lambda: metrics(prefill)["disagg_kv_held_requests"] == 0, timeout=10)
+        assert metrics(prefill)["disagg_kv_blocks_used"] == 0
+        assert metrics(prefill)["disagg_kv_leases_expired_total"] == 1
+
+
+@pytest.mark.parametrize("stream_first_token", [True, False])
+def test_ttft_both_ways_give_the_same_tokens(reference, stream_first_token):
+    with start("disaggregated", stream_first_token=stream_first_token) as c:
+        kw = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0, "extra_body": {"ignore_eos": True}}
+        texts = ["".join(ch.choices[0].text for ch in client(c).completions.create(prompt=p, stream=True, **kw))
+                 for p in PROMPTS]
+        assert texts == reference
+
+
+def test_a_killed_worker_gives_a_prompt_error_and_the_rest_still_serve():
+    with start("replicated") as c:
+        cl = client(c)
+        victim = c.procs["both-0"]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        t0 = time.monotonic()
+        for _ in range(4):  # round-robin would pick the dead worker for half of these
+            assert cl.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        assert time.monotonic() - t0 < 30
+    with start("single") as c:
+        os.kill(c.procs["both-0"].pid, signal.SIGKILL)
+        c.procs["both-0"].wait()
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as e:
+            client(c).completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert e.value.status_code == 502
+        assert time.monotonic() - t0 < 10
