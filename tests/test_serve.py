@@ -203,3 +203,47 @@ def test_a_killed_worker_gives_a_prompt_error_and_the_rest_still_serve():
             client(c).completions.create(model=MODEL, prompt="hi", max_tokens=2)
         assert e.value.status_code == 502
         assert time.monotonic() - t0 < 10
+
+
+def _processes_with(marker: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def test_disagg_up_serves_and_sigterm_leaves_no_process(tmp_path):
+    import subprocess
+    import sys
+    import uuid
+
+    marker = f"DISAGG_TEST_MARKER_{uuid.uuid4().hex}"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISAGG_")} | {"TEST_MARKER": marker}
+    proc = subprocess.Popen([sys.executable, "-m", "disagg.cli", "up", "--arch", "disaggregated", "--budget", "2",
+                             "--model", "tiny", "--kv-cache-memory", "16MiB", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "ready at" in line:
+                break
+        assert f"http://127.0.0.1:{port}/v1" in lines[-1], lines
+        assert "prefill-0 on cpu" in lines[0]
+        assert "decode-1 on cpu" in lines[0]
+        assert len(_processes_with(marker)) == 4  # launcher, prefill, decode, proxy
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 3,
+                                                                        "ignore_eos": True}, timeout=30)
+        assert r.json()["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert wait_until(lambda: not _processes_with(marker), timeout=10)
+    finally:
+        proc.kill()

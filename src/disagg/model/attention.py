@@ -81,7 +81,9 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadat
             scores = torch.baddbmm(unused, qs, k.transpose(1, 2), beta=0, alpha=scale)
             o = torch.bmm(scores.softmax(-1), v)
         else:
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=span.mask, scale=scale)
+            # 4-D inputs: with 3-D ones SDPA falls back to its slow math path on CPU
+            o = F.scaled_dot_product_attention(qs[None], k[None], v[None], attn_mask=span.mask[None, None],
+                                               scale=scale)[0]
         out[span.start : span.end] = o.view(kv_heads, group, m, head_dim).permute(2, 0, 1, 3).reshape(
             m, num_heads, head_dim)
     return out

@@ -96,11 +96,8 @@ class Proxy:
                 raise UpstreamError(resp.status_code, err)
             return url, resp
 
-    async def _passthrough(self, url: str, resp: httpx.Response, body: dict[str, Any],
-                           head: list[bytes] = ()) -> AsyncIterator[bytes]:
+    async def _passthrough(self, url: str, resp: httpx.Response, body: dict[str, Any]) -> AsyncIterator[bytes]:
         try:
-            for chunk in head:
-                yield chunk
             async for chunk in resp.aiter_raw():
                 yield chunk
         except httpx.HTTPError as e:
@@ -154,20 +151,35 @@ class Proxy:
             kvp = {k: v for k, v in kvp.items() if k != "first_token_ids"}
         dec_body = body | {"kv_transfer_params": kvp}
         stream = bool(body.get("stream"))
+        if stream and self.opts.stream_first_token:
+            # token 1 goes out now; decode (KV pull included) runs while the client reads it
+            return StreamingResponse(self._first_then_decode(path, dec_body, kvp, _first_chunk(pre, first_text, chat)),
+                                     media_type="text/event-stream")
         try:
             decode_url, dresp = await self._open("decode", path, dec_body, stream)
         except UpstreamError:
             await self._release(kvp)
             raise
         if stream:
-            head = [_sse(_first_chunk(pre, first_text, chat))] if self.opts.stream_first_token else []
-            return StreamingResponse(self._passthrough(decode_url, dresp, dec_body, head),
-                                     media_type="text/event-stream")
+            return StreamingResponse(self._passthrough(decode_url, dresp, dec_body), media_type="text/event-stream")
         self.policy.on_complete(decode_url, dec_body)
         answer = dresp.json()
         if self.opts.stream_first_token:
             _prepend_text(answer, first_text, chat)
         return JSONResponse(answer)
+
+    async def _first_then_decode(self, path: str, dec_body: dict[str, Any], kvp: dict[str, Any],
+                                 first: dict[str, Any]) -> AsyncIterator[bytes]:
+        yield _sse(first)
+        try:
+            decode_url, dresp = await self._open("decode", path, dec_body, stream=True)
+        except UpstreamError as e:
+            await self._release(kvp)
+            yield _sse(e.body)
+            yield b"data: [DONE]\n\n"
+            return
+        async for chunk in self._passthrough(decode_url, dresp, dec_body):
+            yield chunk
 
     async def _release(self, kvp: dict[str, Any]) -> None:
         with contextlib.suppress(KVTransferError, KeyError, TypeError):
