@@ -147,6 +147,10 @@ class KVClient:
         self._secret = secret if secret is not None else os.environ.get("DISAGG_KV_SECRET")
         self.timeout = timeout
 
+    @property
+    def has_secret(self) -> bool:
+        return bool(self._secret)
+
     async def pull(self, host: str, port: int, request_id: str, expected_shape: tuple[int, ...] | None = None,
                    release: bool = True) -> KVPayload:
         """Fetch a request's KV and (by default) tell the server to free it."""

@@ -33,7 +33,7 @@ from disagg.engine.llm_engine import ImportedKV, LLMEngine, RequestOutput
 from disagg.engine.sampler import TokenLogprob
 from disagg.engine.sampling import SamplingParams
 from disagg.errors import DisaggError, ModelNotFoundError
-from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError
+from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError, is_loopback
 from disagg.serve.metrics import WorkerMetrics
 from disagg.serve.options import ServeOptions
 from disagg.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage
@@ -159,6 +159,12 @@ class Worker:
     async def _pull(self, engine: AsyncEngine, kvp: Any) -> dict[str, Any]:
         first = tuple(kvp.first_token_ids or ())
         if not (kvp.remote_host and kvp.remote_port and kvp.remote_request_id):
+            return {"first_token_ids": first}
+        if not is_loopback(kvp.remote_host) and not self.kv_client.has_secret:
+            # a request must not make this worker connect anywhere it likes: beyond loopback, only
+            # to KV servers that share our secret
+            self.metrics.kv_pull_failures.inc()
+            log.warning("refusing a KV pull from %s without DISAGG_KV_SECRET; recomputing", kvp.remote_host)
             return {"first_token_ids": first}
         try:
             payload = await self.kv_client.pull(kvp.remote_host, kvp.remote_port, kvp.remote_request_id,

@@ -1,0 +1,84 @@
+"""The TCP KV port on its own: pull, release, authentication, and refusing bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _serve(secret=None, data=None):
+    held = {"r1": KVPayload(data if data is not None else torch.randn(2, 2, 1, 3, 16, 4), 40)}
+    released = []
+
+    async def export(rid):
+        if rid not in held:
+            raise KeyError(f"no KV for {rid}")
+        return held[rid]
+
+    async def release(rid):
+        released.append(rid)
+        return held.pop(rid, None) is not None
+
+    server = KVServer(export, release, secret=secret)
+    port = await server.start("127.0.0.1", 0)
+    return server, port, held, released
+
+
+def test_pull_returns_the_exact_tensor_and_releases():
+    async def main():
+        data = torch.randn(2, 2, 1, 3, 16, 4).to(torch.bfloat16)
+        server, port, held, released = await _serve(data=data)
+        got = await KVClient(secret="").pull("127.0.0.1", port, "r1", expected_shape=(2, 2, 1, -1, 16, 4))
+        await server.close()
+        return data, got, held, released
+
+    data, got, held, released = run(main())
+    assert got.num_tokens == 40
+    assert got.data.dtype == torch.bfloat16
+    assert torch.equal(got.data, data)
+    assert released == ["r1"]
+    assert not held
+
+
+def test_unknown_request_and_wrong_shape_are_errors():
+    async def main():
+        server, port, _, _ = await _serve()
+        client = KVClient(secret="")
+        with pytest.raises(KVTransferError, match="no KV"):
+            await client.pull("127.0.0.1", port, "nope")
+        with pytest.raises(KVTransferError, match="does not fit"):
+            await client.pull("127.0.0.1", port, "r1", expected_shape=(2, 2, 1, -1, 32, 4))
+        await server.close()
+
+    run(main())
+
+
+def test_secret_is_required_and_checked():
+    async def main():
+        server, port, _, _ = await _serve(secret="s3cret")
+        with pytest.raises(KVTransferError, match="secret"):
+            await KVClient(secret="").pull("127.0.0.1", port, "r1")
+        with pytest.raises(KVTransferError):
+            await KVClient(secret="wrong").pull("127.0.0.1", port, "r1")
+        got = await KVClient(secret="s3cret").pull("127.0.0.1", port, "r1")
+        await server.close()
+        return got
+
+    assert run(main()).num_tokens == 40
+
+
+def test_binding_beyond_loopback_needs_a_secret():
+    async def main():
+        server = KVServer(None, None)
+        with pytest.raises(KVTransferError, match="DISAGG_KV_SECRET"):
+            await server.start("0.0.0.0", 0)
+
+    run(main())
