@@ -169,3 +169,16 @@ def test_logprobs_of_chosen_tokens(smol):
         assert len(lp.top) == 3
         assert lp.top[0] == (token, pytest.approx(lp.logprob))  # greedy picks the top-1
         assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+
+
+def test_import_refuses_kv_computed_from_other_tokens(smol):
+    from disagg.errors import InvalidRequestError
+
+    smol.add_request("other", prompts()[2], SamplingParams(max_tokens=1, temperature=0), hold_blocks=True)
+    _drain(smol)
+    kv = smol.export_kv("other")
+    assert smol.release("other")
+    same_length_prompt = list(range(200, 200 + kv.num_tokens))
+    with pytest.raises(InvalidRequestError, match="other tokens"):
+        smol.add_request("victim", same_length_prompt, GREEDY, kv=kv)
+    assert not smol.has_unfinished()

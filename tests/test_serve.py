@@ -247,3 +247,19 @@ def test_disagg_up_serves_and_sigterm_leaves_no_process(tmp_path):
         assert wait_until(lambda: not _processes_with(marker), timeout=10)
     finally:
         proc.kill()
+
+
+def test_decode_recomputes_when_the_kv_belongs_to_another_prompt(reference):
+    with start("disaggregated") as c:
+        prefill = next(u for n, u in c.worker_urls().items() if n.startswith("prefill"))
+        decode = next(u for n, u in c.worker_urls().items() if n.startswith("decode"))
+        held = httpx.post(prefill + "/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": PROMPTS[1], "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
+        kvp = held.json()["kv_transfer_params"]
+        kvp.pop("first_token_ids")
+        r = httpx.post(decode + "/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+            "kv_transfer_params": kvp})
+        assert r.json()["choices"][0]["text"] == reference[0]  # right answer for its own prompt
+        assert metrics(decode)["disagg_kv_pull_failures_total"] == 1
+        assert wait_until(lambda: all_blocks_free(c))

@@ -138,29 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"disagg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list model presets with parameter counts and KV bytes per token")
-    p.set_defaults(func=_cmd_models)
-
-    p = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
-    add_config_args(p, GenerateOptions)
-    add_config_args(p, EngineConfig)
-    p.set_defaults(func=_cmd_generate)
-
     from disagg.serve.options import ProxyOptions, ServeOptions, UpOptions
 
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (one worker)")
-    add_config_args(p, ServeOptions)
-    add_config_args(p, EngineConfig)
-    p.set_defaults(func=_cmd_serve)
-
-    p = sub.add_parser("proxy", help="one OpenAI endpoint in front of workers: single, replicated or disaggregated")
-    add_config_args(p, ProxyOptions)
-    p.set_defaults(func=_cmd_proxy)
-
-    p = sub.add_parser("up", help="start a local cluster of one architecture on a budget of cores or GPUs")
-    add_config_args(p, UpOptions)
-    add_config_args(p, EngineConfig)
-    p.set_defaults(func=_cmd_up)
+    commands = [
+        ("models", "list model presets with parameter counts and KV bytes per token", (), _cmd_models),
+        ("generate", "generate text from a prompt, streamed to the terminal", (GenerateOptions, EngineConfig),
+         _cmd_generate),
+        ("serve", "serve a model over an OpenAI-compatible HTTP API (one worker)", (ServeOptions, EngineConfig),
+         _cmd_serve),
+        ("proxy", "one OpenAI endpoint in front of workers: single, replicated or disaggregated", (ProxyOptions,),
+         _cmd_proxy),
+        ("up", "start a local cluster of one architecture on a budget of cores or GPUs", (UpOptions, EngineConfig),
+         _cmd_up),
+    ]
+    for name, text, configs, func in commands:
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        for cls in configs:
+            add_config_args(p, cls)
+        p.set_defaults(func=func)
     return parser
 
 

@@ -25,6 +25,7 @@ from disagg.engine.sampling import SamplingParams
 from disagg.engine.scheduler import Scheduler
 from disagg.engine.sequence import Sequence
 from disagg.errors import ConfigError, ContextLengthError, InvalidRequestError
+from disagg.kv.block_hash import tokens_digest
 from disagg.kv.layout import format_bytes
 from disagg.model.loader import load_model, resolve
 
@@ -35,6 +36,7 @@ class ImportedKV:
 
     data: torch.Tensor  # [layers, 2, kv_heads, blocks, block_size, head_dim] (PagedKVCache.export_shape)
     num_tokens: int
+    digest: str = ""  # tokens_digest of the tokens the KV was computed from ("" = unchecked)
 
 
 @dataclass
@@ -169,6 +171,8 @@ class LLMEngine:
                 f"imported KV covers {kv.num_tokens} tokens; the prompt has {seq.num_prompt_tokens}")
         if tuple(kv.data.shape) != expected:
             raise InvalidRequestError(f"imported KV has shape {tuple(kv.data.shape)}, expected {expected}")
+        if kv.digest and kv.digest != tokens_digest(seq.token_ids[: kv.num_tokens]):
+            raise InvalidRequestError("imported KV was computed from other tokens than this prompt's")
 
     def abort(self, request_id: str) -> bool:
         """End a request now and free its blocks (held ones too). False if it is unknown."""
@@ -192,7 +196,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request {request_id!r} holds no KV blocks")
         n = seq.num_computed_tokens
         blocks = seq.block_table[: -(-n // self.config.block_size)]
-        return ImportedKV(self.kv_cache.read_blocks(blocks), n)
+        return ImportedKV(self.kv_cache.read_blocks(blocks), n, tokens_digest(seq.token_ids[:n]))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._ready)

@@ -30,3 +30,8 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, model_id: str,
         parent = hashes[-1] if hashes else None
         hashes.append(block_hash(parent, token_ids[i * block_size : (i + 1) * block_size], model_id))
     return hashes
+
+
+def tokens_digest(token_ids: Sequence[int]) -> str:
+    """Digest of a token sequence, so a KV receiver can check the KV belongs to its prompt."""
+    return hashlib.blake2b(struct.pack(f"<{len(token_ids)}q", *token_ids), digest_size=16).hexdigest()

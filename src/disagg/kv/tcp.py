@@ -6,7 +6,7 @@ Never pickle. A session:
     server -> {"challenge": hex or None}
     client -> {"op": "auth", "mac": hex}            only when challenged (HMAC-SHA256 of the nonce)
     client -> {"op": "pull", "request_id": id}
-    server -> {"ok": True, "num_tokens", "shape", "dtype", "nbytes", "crc32"} + nbytes raw bytes
+    server -> {"ok": True, "num_tokens", "digest", "shape", "dtype", "nbytes", "crc32"} + nbytes raw bytes
     client -> {"op": "release", "request_id": id}
     server -> {"ok": True}
 
@@ -44,6 +44,7 @@ class KVTransferError(RuntimeError):
 class KVPayload:
     data: torch.Tensor
     num_tokens: int
+    digest: str = ""  # of the tokens the KV was computed from
 
 
 def is_loopback(host: str) -> bool:
@@ -135,7 +136,8 @@ class KVServer:
             writer.write(_frame({"ok": False, "error": str(e)}))
             return
         raw = tensor_bytes(payload.data)
-        writer.write(_frame({"ok": True, "num_tokens": payload.num_tokens, "shape": list(payload.data.shape),
+        writer.write(_frame({"ok": True, "num_tokens": payload.num_tokens, "digest": payload.digest,
+                             "shape": list(payload.data.shape),
                              "dtype": str(payload.data.dtype).removeprefix("torch."), "nbytes": raw.nbytes,
                              "crc32": zlib.crc32(raw)}))
         writer.write(raw)
@@ -178,7 +180,7 @@ class KVClient:
                 writer.write(_frame({"op": "release", "request_id": rid}))
                 await writer.drain()
                 await _read_frame(reader)
-            return KVPayload(data, head["num_tokens"])
+            return KVPayload(data, head["num_tokens"], str(head.get("digest", "")))
         finally:
             writer.close()
 

@@ -33,6 +33,7 @@ from disagg.engine.llm_engine import ImportedKV, LLMEngine, RequestOutput
 from disagg.engine.sampler import TokenLogprob
 from disagg.engine.sampling import SamplingParams
 from disagg.errors import DisaggError, ModelNotFoundError
+from disagg.kv.block_hash import tokens_digest
 from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError, is_loopback
 from disagg.serve.metrics import WorkerMetrics
 from disagg.serve.options import ServeOptions
@@ -98,7 +99,7 @@ class Worker:
         if rid not in self.leases or self.engine is None:
             raise KVTransferError(f"no KV held for request {rid!r} (released or lease expired)")
         kv = await self.engine.call(lambda e: e.export_kv(rid))
-        return KVPayload(kv.data, kv.num_tokens)
+        return KVPayload(kv.data, kv.num_tokens, kv.digest)
 
     async def _release(self, rid: str) -> bool:
         if self.leases.pop(rid, None) is None or self.engine is None:
@@ -129,7 +130,8 @@ class Worker:
             params = dataclasses.replace(params, max_tokens=1)
             add["hold_blocks"] = True
         elif kvp is not None and kvp.do_remote_prefill:
-            add = await self._pull(engine, kvp)
+            prompt = engine.engine.tokenize(prompt)
+            add = await self._pull(engine, kvp, prompt)
         t0 = time.perf_counter()
         stream = engine.generate(prompt, params, request_id=rid, **add)
         first = await anext(stream)  # bad input raises here, before any byte is sent
@@ -156,7 +158,7 @@ class Worker:
                 "remote_request_id": rid, "num_tokens": n,
                 "first_token_ids": [t for o in outs for t in o.new_token_ids]}
 
-    async def _pull(self, engine: AsyncEngine, kvp: Any) -> dict[str, Any]:
+    async def _pull(self, engine: AsyncEngine, kvp: Any, prompt_ids: list[int]) -> dict[str, Any]:
         first = tuple(kvp.first_token_ids or ())
         if not (kvp.remote_host and kvp.remote_port and kvp.remote_request_id):
             return {"first_token_ids": first}
@@ -174,7 +176,11 @@ class Worker:
             log.warning("%s; recomputing the prompt instead", e)
             return {"first_token_ids": first}
         self.metrics.kv_bytes_received.inc(payload.data.numel() * payload.data.element_size())
-        return {"kv": ImportedKV(payload.data, payload.num_tokens), "first_token_ids": first}
+        if payload.digest != tokens_digest(prompt_ids[: payload.num_tokens]):
+            self.metrics.kv_pull_failures.inc()
+            log.warning("KV from %s was computed from other tokens than this prompt; recomputing", kvp.remote_host)
+            return {"first_token_ids": first}
+        return {"kv": ImportedKV(payload.data, payload.num_tokens, payload.digest), "first_token_ids": first}
 
     async def _sse(self, fmt: _Formatter, first: RequestOutput, stream: AsyncIterator[RequestOutput], t0: float,
                    include_usage: bool) -> AsyncIterator[str]:
