@@ -43,3 +43,24 @@ def test_models_lists_presets_with_kv_bytes():
     assert "8.03B" in row
     for name in ("smollm2-135m", "tiny", "llama-3-70b", "qwen2.5-7b"):
         assert name in r.stdout
+
+
+def test_kv_size_reproduces_the_corrected_paper_table():
+    r = run_cli("kv-size", "--model", "llama-3.1-8b", "--tokens", "512", "--dtype", "fp16")
+    assert r.returncode == 0, r.stderr
+    assert "512 tokens: 64.0 MiB (67,108,864 bytes)" in r.stdout
+    r = run_cli("kv-size", "--model", "llama-3-70b", "--tokens", "32768")
+    assert "32,768 tokens: 10.0 GiB" in r.stdout
+    int4 = next(line for line in r.stdout.splitlines() if "int4" in line)
+    assert "0.27x" in int4
+
+
+def test_kv_size_reads_a_config_json(tmp_path):
+    import json
+
+    from disagg.model.presets import PRESETS
+
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["qwen2.5-7b"].config.to_hf()))
+    r = run_cli("kv-size", "--model", str(tmp_path), "--tokens", "1000")
+    assert r.returncode == 0, r.stderr
+    assert "56.0 KiB per token" in r.stdout  # 2 x 28 x 4 x 128 x 2 B

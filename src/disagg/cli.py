@@ -60,6 +60,62 @@ class GenerateOptions:
     quiet: bool = field(default=False, metadata=_help("print only the generated text, no statistics"))
 
 
+@dataclass(frozen=True)
+class KVSizeOptions:
+    """what to size (each flag also reads DISAGG_<FLAG> from the environment)"""
+
+    model: str = field(default="llama-3.1-8b", metadata=_help("preset name or a Hugging Face config.json / model "
+                                                               "directory"))
+    tokens: str = field(default="512", metadata=_help("context length(s) in tokens, comma-separated, e.g. 512,32768"))
+    dtype: str = field(default="fp16", metadata=_help("the KV cache's dtype: fp16, bf16 or fp32"))
+
+
+def _cmd_kv_size(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from disagg.cli_args import config_from_args
+    from disagg.errors import ConfigError
+    from disagg.kv.codecs import CODECS, bytes_per_token
+    from disagg.kv.layout import dtype_bytes, format_bytes
+    from disagg.model.config import ModelConfig
+    from disagg.model.presets import PRESETS
+
+    opts = config_from_args(KVSizeOptions, args)
+    if opts.model in PRESETS:
+        cfg = PRESETS[opts.model].config
+    else:
+        path = Path(opts.model)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"{opts.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
+        cfg = ModelConfig.from_json_file(path)
+    try:
+        tokens = [int(t) for t in opts.tokens.split(",")]
+        elem = dtype_bytes(opts.dtype)
+    except ValueError as e:
+        raise ConfigError(f"--tokens must be integers and --dtype fp16, bf16 or fp32: {e}") from None
+    per = {c: bytes_per_token(c, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, elem) for c in CODECS}
+    print(f"{cfg.name}: 2 (K+V) x {cfg.num_layers} layers x {cfg.num_kv_heads} kv_heads x {cfg.head_dim} head_dim "
+          f"x {elem} B = {format_bytes(per['none'])} per token")
+    for n in tokens:
+        print(f"  {n:,} tokens: {format_bytes(per['none'] * n)} ({per['none'] * n:,} bytes)")
+    table = Table(title=f"{cfg.name} KV per request by wire codec (scales included)")
+    table.add_column("codec")
+    table.add_column("bytes/token", justify="right")
+    for n in tokens:
+        table.add_column(f"{n:,} tokens", justify="right")
+    table.add_column(f"vs {opts.dtype}", justify="right")
+    for codec in CODECS:
+        label = f"none ({opts.dtype})" if codec == "none" else codec
+        table.add_row(label, f"{per[codec]:,.0f}", *(format_bytes(per[codec] * n) for n in tokens),
+                      f"{per[codec] / per['none']:.2f}x")
+    Console(width=120).print(table)
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from disagg.cli_args import config_from_args
     from disagg.engine.config import EngineConfig
@@ -150,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
          _cmd_proxy),
         ("up", "start a local cluster of one architecture on a budget of cores or GPUs", (UpOptions, EngineConfig),
          _cmd_up),
+        ("kv-size", "KV cache bytes of a model for given context lengths, by wire codec", (KVSizeOptions,),
+         _cmd_kv_size),
     ]
     for name, text, configs, func in commands:
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
