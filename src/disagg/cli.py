@@ -184,6 +184,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return up(config_from_args(UpOptions, args), config_from_args(EngineConfig, args))
 
 
+def _cmd_transfer_bench(args: argparse.Namespace) -> int:
+    from disagg.cli_args import config_from_args
+    from disagg.kv.options import TransferBenchOptions
+    from disagg.kv.transfer_bench import main
+
+    return main(config_from_args(TransferBenchOptions, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from disagg import __version__
     from disagg.cli_args import add_config_args
@@ -194,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"disagg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from disagg.kv.options import TransferBenchOptions
     from disagg.serve.options import ProxyOptions, ServeOptions, UpOptions
 
     commands = [
@@ -208,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
          _cmd_up),
         ("kv-size", "KV cache bytes of a model for given context lengths, by wire codec", (KVSizeOptions,),
          _cmd_kv_size),
+        ("transfer-bench", "KV transfer GB/s and latency per size, next to a plain socket", (TransferBenchOptions,),
+         _cmd_transfer_bench),
     ]
     for name, text, configs, func in commands:
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")

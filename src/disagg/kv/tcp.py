@@ -31,6 +31,8 @@ from typing import Any
 import msgpack
 import torch
 
+from disagg.kv.netem import Link
+
 MAX_FRAME = 1 << 20  # metadata frames are small; refuse anything bigger
 MAX_PAYLOAD = 64 << 30
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -81,8 +83,10 @@ class KVServer:
     frees the blocks; both are coroutines supplied by the worker."""
 
     def __init__(self, export: Callable[[str], Awaitable[KVPayload]], release: Callable[[str], Awaitable[bool]],
-                 secret: str | None = None, on_sent: Callable[[int], None] | None = None) -> None:
+                 secret: str | None = None, on_sent: Callable[[int], None] | None = None,
+                 link: Link | None = None) -> None:
         self._export, self._release, self._secret = export, release, secret
+        self.link = link or Link()
         self._on_sent = on_sent or (lambda n: None)
         self._server: asyncio.base_events.Server | None = None
 
@@ -140,7 +144,7 @@ class KVServer:
                              "shape": list(payload.data.shape),
                              "dtype": str(payload.data.dtype).removeprefix("torch."), "nbytes": raw.nbytes,
                              "crc32": zlib.crc32(raw)}))
-        writer.write(raw)
+        await self.link.send(writer, raw)
         self._on_sent(raw.nbytes)
 
 

@@ -96,6 +96,9 @@ def plan(opts: UpOptions, engine: EngineConfig) -> tuple[list[ProcSpec], ProcSpe
         env = dict(base_env)
         argv = [sys.executable, "-m", "disagg.cli", "serve", "--role", role, "--host", opts.host, "--port", str(port),
                 "--kv-host", opts.host, "--kv-lease", str(opts.kv_lease)]
+        for flag, value in (("--kv-bandwidth", opts.kv_bandwidth), ("--kv-latency", opts.kv_latency)):
+            if value:
+                argv += [flag, value]
         if kind == "cpu":
             argv += ["--cpus", ",".join(map(str, group))]
             env[env_name("threads")] = str(engine.threads or len(group))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from disagg.cli_args import described as _help
 from disagg.errors import ConfigError
+from disagg.kv.netem import Link
 
 ROLES = ("both", "prefill", "decode")
 MODES = ("single", "replicated", "disaggregated")
@@ -25,6 +26,8 @@ class ServeOptions:
                                                              "DISAGG_KV_SECRET)"))
     kv_port: int = field(default=0, metadata=_help("KV port of a prefill worker (0: any free port)"))
     kv_lease: float = field(default=30.0, metadata=_help("seconds a prefill holds KV blocks for a decode worker"))
+    kv_bandwidth: str | None = field(default=None, metadata=_help("emulate a link rate for KV sent, e.g. 10gbit"))
+    kv_latency: str | None = field(default=None, metadata=_help("emulate a one-way link delay for KV sent, e.g. 20us"))
     cpus: str | None = field(default=None, metadata=_help("pin to these CPU cores, e.g. 0,1 or 2-3 (threads default "
                                                           "to their count)"))
     served_model_name: str | None = field(default=None, metadata=_help("model name clients use (default: --model)"))
@@ -38,6 +41,10 @@ class ServeOptions:
         if self.kv_lease <= 0:
             raise ConfigError(f"kv_lease must be > 0 seconds, got {self.kv_lease}")
         self.cpu_list()
+        self.link()
+
+    def link(self) -> Link:
+        return Link.parse(self.kv_bandwidth, self.kv_latency)
 
     def cpu_list(self) -> list[int] | None:
         if not self.cpus:
@@ -94,6 +101,8 @@ class UpOptions:
     port: int = field(default=8000, metadata=_help("the proxy's port, the cluster's endpoint"))
     stream_first_token: bool = field(default=True, metadata=_help("disaggregated: stream token 1 from prefill"))
     kv_lease: float = field(default=30.0, metadata=_help("seconds a prefill worker holds KV for decode"))
+    kv_bandwidth: str | None = field(default=None, metadata=_help("emulated KV link rate, e.g. 10gbit"))
+    kv_latency: str | None = field(default=None, metadata=_help("emulated KV link one-way delay, e.g. 20us"))
     startup_timeout: float = field(default=300.0, metadata=_help("seconds to wait for every worker's /health"))
     log_dir: str | None = field(default=None, metadata=_help("where worker logs go (default: a temporary folder)"))
 
@@ -102,6 +111,7 @@ class UpOptions:
             raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.budget < 1:
             raise ConfigError(f"budget must be at least 1 unit, got {self.budget}")
+        Link.parse(self.kv_bandwidth, self.kv_latency)
         if self.arch != "disaggregated" and (self.prefill or self.decode):
             raise ConfigError("--prefill and --decode apply to --arch disaggregated only")
         if self.arch == "disaggregated":

@@ -55,7 +55,8 @@ class Worker:
         self.metrics = WorkerMetrics(lambda: self.engine.engine.stats() if self.engine else _EMPTY_STATS)
         self.leases: dict[str, float] = {}  # held request id -> monotonic expiry
         secret = os.environ.get("DISAGG_KV_SECRET") or None
-        self.kv_server = KVServer(self._export, self._release, secret=secret, on_sent=self.metrics.kv_bytes_sent.inc)
+        self.kv_server = KVServer(self._export, self._release, secret=secret, on_sent=self.metrics.kv_bytes_sent.inc,
+                                  link=opts.link())
         self.kv_client = KVClient(secret=secret)
         self.kv_port = 0
         self._tasks: list[asyncio.Task[Any]] = []
@@ -77,8 +78,8 @@ class Worker:
     async def _load(self) -> None:
         try:
             self.engine = AsyncEngine(await asyncio.to_thread(LLMEngine, self.engine_config))
-            log.warning("worker ready: %s, role %s, http %s:%d, kv port %s", self.model_name, self.opts.role,
-                        self.opts.host, self.opts.port, self.kv_port or "-")
+            log.warning("worker ready: %s, role %s, http %s:%d, kv port %s (%s)", self.model_name, self.opts.role,
+                        self.opts.host, self.opts.port, self.kv_port or "-", self.kv_server.link.describe())
         except BaseException as e:
             self.load_error = e
             log.error("model failed to load: %s", e)
@@ -330,7 +331,8 @@ def create_app(worker: Worker) -> FastAPI:
             worker.ready_engine()
         except EngineNotReady as e:
             return error_response(503, str(e), "service_unavailable")
-        return JSONResponse({"status": "ok", "role": worker.opts.role, "kv_port": worker.kv_port})
+        return JSONResponse({"status": "ok", "role": worker.opts.role, "kv_port": worker.kv_port,
+                             "kv_link": worker.kv_server.link.describe()})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -1,0 +1,39 @@
+"""Link emulation and the transfer benchmark."""
+
+from __future__ import annotations
+
+import pytest
+
+from disagg.errors import ConfigError
+from disagg.kv.netem import Link, parse_duration, parse_rate
+from disagg.kv.options import TransferBenchOptions
+from disagg.kv.transfer_bench import parse_size, run
+
+
+def test_parsing():
+    assert parse_rate("10gbit") == 10e9
+    assert parse_rate("400Gbps") == 400e9
+    assert parse_rate("1.5GB/s") == 12e9
+    assert parse_duration("20us") == pytest.approx(20e-6)
+    assert parse_duration("1ms") == pytest.approx(1e-3)
+    assert parse_size("8M") == 8 * 2**20
+    with pytest.raises(ConfigError, match="10gbit"):
+        parse_rate("fast")
+    with pytest.raises(ConfigError):
+        parse_duration("20 parsecs")
+    assert "EMULATED" in Link.parse("10gbit", "20us").describe()
+    assert not Link.parse(None, None).emulated
+
+
+def test_transfer_bench_reports_every_size_and_an_emulated_link_is_never_faster_than_its_rate():
+    rows = run(TransferBenchOptions(sizes="256K,1M", repeats=2))
+    assert [r["bytes"] for r in rows] == [256 * 1024, 2**20]
+    assert all(r["gbps"] > 0 and r["ref_gbps"] > 0 for r in rows)
+    slow = run(TransferBenchOptions(sizes="1M", repeats=2, kv_bandwidth="100mbit", kv_latency="5ms"))
+    # 1 MiB at 100 Mbit/s takes at least 84 ms on the wire, plus the 5 ms delay
+    assert slow[0]["p50_ms"] >= 84 + 5
+
+
+def test_unbuilt_transports_are_a_clear_error():
+    with pytest.raises(ConfigError, match="not built yet"):
+        run(TransferBenchOptions(transport="shm"))
