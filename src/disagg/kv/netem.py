@@ -7,8 +7,8 @@ through it are emulated, and every report that uses it says so.
 
 from __future__ import annotations
 
-import asyncio
 import re
+import socket
 import time
 from dataclasses import dataclass
 
@@ -55,13 +55,12 @@ class Link:
         rate = f"{self.bits_per_second / 1e9:g} Gbit/s" if self.bits_per_second else "unlimited rate"
         return f"EMULATED {rate}, {self.latency * 1e6:g} us one-way"
 
-    async def send(self, writer: asyncio.StreamWriter, data: memoryview) -> None:
-        """Write `data` at the link's pace: the first byte after the delay, then at the rate."""
+    def send_blocking(self, sock: socket.socket, data: memoryview) -> None:
+        """Send `data` at the link's pace: the first byte after the delay, then at the rate."""
         if self.latency:
-            await asyncio.sleep(self.latency)
+            time.sleep(self.latency)
         if self.bits_per_second is None:
-            writer.write(data)
-            await writer.drain()
+            sock.sendall(data)
             return
         start = time.perf_counter()
         for off in range(0, len(data), CHUNK):
@@ -69,6 +68,5 @@ class Link:
             # a chunk is released when its last bit would have crossed the link
             due = start + (off + len(chunk)) * 8 / self.bits_per_second
             if (wait := due - time.perf_counter()) > 0:
-                await asyncio.sleep(wait)
-            writer.write(chunk)
-            await writer.drain()
+                time.sleep(wait)
+            sock.sendall(chunk)

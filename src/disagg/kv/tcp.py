@@ -6,9 +6,14 @@ Never pickle. A session:
     server -> {"challenge": hex or None}
     client -> {"op": "auth", "mac": hex}            only when challenged (HMAC-SHA256 of the nonce)
     client -> {"op": "pull", "request_id": id}
-    server -> {"ok": True, "num_tokens", "digest", "shape", "dtype", "nbytes", "crc32"} + nbytes raw bytes
+    server -> {"ok": True, "num_tokens", "digest", "shape", "dtype", "nbytes"} + nbytes raw bytes + {"crc32"}
     client -> {"op": "release", "request_id": id}
     server -> {"ok": True}
+
+The payload moves with blocking sockets on worker threads: `sendall` straight from the exported
+tensor's memory, `recv_into` straight into the tensor the decode side imports, so no Python object
+ever holds a copy of it. The CRC32 goes in a trailer frame, computed chunk by chunk as the bytes
+pass, while they are in cache, on both sides. The async API (`KVServer.start`, `KVClient.pull`) wraps those threads.
 
 A shared secret (DISAGG_KV_SECRET) turns the challenge on; binding anywhere but loopback requires
 one. Every header field from the network is checked before use.
@@ -17,12 +22,15 @@ one. Every header field from the network is checked before use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import math
 import os
 import secrets
+import socket
 import struct
+import threading
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,6 +43,7 @@ from disagg.kv.netem import Link
 
 MAX_FRAME = 1 << 20  # metadata frames are small; refuse anything bigger
 MAX_PAYLOAD = 64 << 30
+CHUNK = 1 << 20  # checksummed and paced in pieces this big
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -53,19 +62,32 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
-    (n,) = struct.unpack(">I", await reader.readexactly(4))
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:], len(view) - got)
+        if n == 0:
+            raise ConnectionError("peer closed the connection")
+        got += n
+
+
+def _read_frame(sock: socket.socket) -> dict[str, Any]:
+    head = bytearray(4)
+    _recv_exact(sock, memoryview(head))
+    (n,) = struct.unpack(">I", head)
     if n > MAX_FRAME:
         raise KVTransferError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
-    obj = msgpack.unpackb(await reader.readexactly(n), raw=False, strict_map_key=True)
+    body = bytearray(n)
+    _recv_exact(sock, memoryview(body))
+    obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
     if not isinstance(obj, dict):
         raise KVTransferError("frame is not a map")
     return obj
 
 
-def _frame(obj: dict[str, Any]) -> bytes:
+def _send_frame(sock: socket.socket, obj: dict[str, Any]) -> None:
     body = msgpack.packb(obj, use_bin_type=True)
-    return struct.pack(">I", len(body)) + body
+    sock.sendall(struct.pack(">I", len(body)) + body)
 
 
 def _mac(secret: str, nonce: str) -> str:
@@ -73,78 +95,95 @@ def _mac(secret: str, nonce: str) -> str:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of a CPU copy of `t` (any dtype, bfloat16 included)."""
+    """The raw bytes of `t` (moved to the CPU and made contiguous only if it is not already)."""
     flat = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
     return memoryview(flat.numpy())
 
 
 class KVServer:
     """Serves held KV on a TCP port. `export(request_id)` returns the payload; `release(request_id)`
-    frees the blocks; both are coroutines supplied by the worker."""
+    frees the blocks; both are coroutines of the caller's event loop, run there from the
+    connection threads."""
 
     def __init__(self, export: Callable[[str], Awaitable[KVPayload]], release: Callable[[str], Awaitable[bool]],
                  secret: str | None = None, on_sent: Callable[[int], None] | None = None,
                  link: Link | None = None) -> None:
         self._export, self._release, self._secret = export, release, secret
-        self.link = link or Link()
         self._on_sent = on_sent or (lambda n: None)
-        self._server: asyncio.base_events.Server | None = None
+        self.link = link or Link()
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = threading.Event()
 
     async def start(self, host: str, port: int) -> int:
         if not is_loopback(host) and not self._secret:
             raise KVTransferError(f"the KV port binds {host}, beyond loopback: set DISAGG_KV_SECRET")
-        self._server = await asyncio.start_server(self._handle, host, port)
-        return self._server.sockets[0].getsockname()[1]
+        self._loop = asyncio.get_running_loop()
+        self._sock = socket.create_server((host, port), backlog=128)
+        threading.Thread(target=self._accept, name="disagg-kv-accept", daemon=True).start()
+        return self._sock.getsockname()[1]
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        self._closed.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            nonce = secrets.token_hex(16) if self._secret else None
-            writer.write(_frame({"challenge": nonce}))
-            await writer.drain()
-            if nonce is not None:
-                msg = await _read_frame(reader)
-                mac = msg.get("mac")
-                if msg.get("op") != "auth" or not isinstance(mac, str) or not hmac.compare_digest(
-                        mac, _mac(self._secret, nonce)):
-                    writer.write(_frame({"ok": False, "error": "authentication failed"}))
-                    return
-            while True:
-                try:
-                    msg = await _read_frame(reader)
-                except asyncio.IncompleteReadError:
-                    return
-                op, rid = msg.get("op"), msg.get("request_id")
-                if not isinstance(rid, str) or len(rid) > 256:
-                    writer.write(_frame({"ok": False, "error": "request_id must be a string"}))
-                elif op == "pull":
-                    await self._send(writer, rid)
-                elif op == "release":
-                    writer.write(_frame({"ok": await self._release(rid)}))
-                else:
-                    writer.write(_frame({"ok": False, "error": f"unknown op {op!r}"}))
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, KVTransferError, msgpack.UnpackException):
-            pass
-        finally:
-            writer.close()
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="disagg-kv-conn", daemon=True).start()
 
-    async def _send(self, writer: asyncio.StreamWriter, rid: str) -> None:
+    def _call(self, coro: Awaitable[Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=60)
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                nonce = secrets.token_hex(16) if self._secret else None
+                _send_frame(conn, {"challenge": nonce})
+                if nonce is not None:
+                    msg = _read_frame(conn)
+                    mac = msg.get("mac")
+                    if msg.get("op") != "auth" or not isinstance(mac, str) or not hmac.compare_digest(
+                            mac, _mac(self._secret, nonce)):
+                        _send_frame(conn, {"ok": False, "error": "authentication failed"})
+                        return
+                while True:
+                    msg = _read_frame(conn)
+                    op, rid = msg.get("op"), msg.get("request_id")
+                    if not isinstance(rid, str) or len(rid) > 256:
+                        _send_frame(conn, {"ok": False, "error": "request_id must be a string"})
+                    elif op == "pull":
+                        self._send(conn, rid)
+                    elif op == "release":
+                        _send_frame(conn, {"ok": bool(self._call(self._release(rid)))})
+                    else:
+                        _send_frame(conn, {"ok": False, "error": f"unknown op {op!r}"})
+            except (OSError, ConnectionError, KVTransferError, msgpack.UnpackException, ValueError):
+                return
+
+    def _send(self, conn: socket.socket, rid: str) -> None:
         try:
-            payload = await self._export(rid)
+            payload = self._call(self._export(rid))
         except Exception as e:
-            writer.write(_frame({"ok": False, "error": str(e)}))
+            _send_frame(conn, {"ok": False, "error": str(e)})
             return
         raw = tensor_bytes(payload.data)
-        writer.write(_frame({"ok": True, "num_tokens": payload.num_tokens, "digest": payload.digest,
-                             "shape": list(payload.data.shape),
-                             "dtype": str(payload.data.dtype).removeprefix("torch."), "nbytes": raw.nbytes,
-                             "crc32": zlib.crc32(raw)}))
-        await self.link.send(writer, raw)
+        _send_frame(conn, {"ok": True, "num_tokens": payload.num_tokens, "digest": payload.digest,
+                           "shape": list(payload.data.shape), "dtype": str(payload.data.dtype).removeprefix("torch."),
+                           "nbytes": raw.nbytes})
+        crc = 0
+        for off in range(0, raw.nbytes, CHUNK):
+            chunk = raw[off : off + CHUNK]
+            crc = zlib.crc32(chunk, crc)
+            self.link.send_blocking(conn, chunk)
+        _send_frame(conn, {"crc32": crc})
         self._on_sent(raw.nbytes)
 
 
@@ -160,64 +199,57 @@ class KVClient:
     async def pull(self, host: str, port: int, request_id: str, expected_shape: tuple[int, ...] | None = None,
                    release: bool = True) -> KVPayload:
         """Fetch a request's KV and (by default) tell the server to free it."""
-        try:
-            return await asyncio.wait_for(self._pull(host, port, request_id, expected_shape, release), self.timeout)
-        except (OSError, asyncio.IncompleteReadError, msgpack.UnpackException, TimeoutError) as e:
-            raise KVTransferError(f"KV pull from {host}:{port} failed: {e!r}") from e
-
-    async def _pull(self, host: str, port: int, rid: str, expected: tuple[int, ...] | None,
-                    release: bool) -> KVPayload:
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            await self._hello(reader, writer)
-            writer.write(_frame({"op": "pull", "request_id": rid}))
-            await writer.drain()
-            head = await _read_frame(reader)
-            if not head.get("ok"):
-                raise KVTransferError(f"KV server refused: {head.get('error')}")
-            payload = self._check(head, expected)
-            raw = await reader.readexactly(head["nbytes"])
-            if zlib.crc32(raw) != head["crc32"]:
-                raise KVTransferError("KV payload checksum mismatch")
-            data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(payload[1]).reshape(payload[0])
-            if release:
-                writer.write(_frame({"op": "release", "request_id": rid}))
-                await writer.drain()
-                await _read_frame(reader)
-            return KVPayload(data, head["num_tokens"], str(head.get("digest", "")))
-        finally:
-            writer.close()
+        return await asyncio.to_thread(self.pull_blocking, host, port, request_id, expected_shape, release)
 
     async def release(self, host: str, port: int, request_id: str) -> bool:
         """Tell a KV server to free a request's held blocks without pulling them."""
-        try:
-            return await asyncio.wait_for(self._release(host, port, request_id), self.timeout)
-        except (OSError, asyncio.IncompleteReadError, msgpack.UnpackException, TimeoutError) as e:
-            raise KVTransferError(f"KV release at {host}:{port} failed: {e!r}") from e
+        return await asyncio.to_thread(self._session, host, port, lambda s: self._release(s, request_id))
 
-    async def _release(self, host: str, port: int, rid: str) -> bool:
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            await self._hello(reader, writer)
-            writer.write(_frame({"op": "release", "request_id": rid}))
-            await writer.drain()
-            return bool((await _read_frame(reader)).get("ok"))
-        finally:
-            writer.close()
+    def pull_blocking(self, host: str, port: int, request_id: str, expected: tuple[int, ...] | None = None,
+                      release: bool = True) -> KVPayload:
+        def pull(sock: socket.socket) -> KVPayload:
+            _send_frame(sock, {"op": "pull", "request_id": request_id})
+            head = _read_frame(sock)
+            if not head.get("ok"):
+                raise KVTransferError(f"KV server refused: {head.get('error')}")
+            shape, dtype = self._check(head, expected)
+            buf = torch.empty(head["nbytes"], dtype=torch.uint8)
+            view = memoryview(buf.numpy())
+            crc = 0
+            for off in range(0, len(view), CHUNK):
+                chunk = view[off : off + CHUNK]
+                _recv_exact(sock, chunk)
+                crc = zlib.crc32(chunk, crc)
+            if _read_frame(sock).get("crc32") != crc:
+                raise KVTransferError("KV payload checksum mismatch")
+            if release:
+                self._release(sock, request_id)
+            return KVPayload(buf.view(dtype).reshape(shape), head["num_tokens"], str(head.get("digest", "")))
 
-    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        hello = await _read_frame(reader)
-        if hello.get("challenge"):
-            if not self._secret:
-                raise KVTransferError("the KV server wants a secret: set DISAGG_KV_SECRET")
-            writer.write(_frame({"op": "auth", "mac": _mac(self._secret, str(hello["challenge"]))}))
+        return self._session(host, port, pull)
+
+    def _release(self, sock: socket.socket, request_id: str) -> bool:
+        _send_frame(sock, {"op": "release", "request_id": request_id})
+        return bool(_read_frame(sock).get("ok"))
+
+    def _session(self, host: str, port: int, work: Callable[[socket.socket], Any]) -> Any:
+        try:
+            with socket.create_connection((host, port), timeout=self.timeout) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                hello = _read_frame(sock)
+                if hello.get("challenge"):
+                    if not self._secret:
+                        raise KVTransferError("the KV server wants a secret: set DISAGG_KV_SECRET")
+                    _send_frame(sock, {"op": "auth", "mac": _mac(self._secret, str(hello["challenge"]))})
+                return work(sock)
+        except (OSError, ConnectionError, msgpack.UnpackException, ValueError) as e:
+            raise KVTransferError(f"KV transfer with {host}:{port} failed: {e!r}") from e
 
     @staticmethod
     def _check(head: dict[str, Any], expected: tuple[int, ...] | None) -> tuple[tuple[int, ...], torch.dtype]:
         shape, dtype, nbytes = head.get("shape"), DTYPES.get(head.get("dtype")), head.get("nbytes")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape) and dtype is not None
-                and isinstance(nbytes, int) and isinstance(head.get("num_tokens"), int)
-                and isinstance(head.get("crc32"), int)):
+                and isinstance(nbytes, int) and isinstance(head.get("num_tokens"), int)):
             raise KVTransferError("malformed KV header")
         if nbytes != math.prod(shape) * torch.tensor([], dtype=dtype).element_size() or nbytes > MAX_PAYLOAD:
             raise KVTransferError("KV header size does not match its shape")
