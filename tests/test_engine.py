@@ -182,3 +182,40 @@ def test_import_refuses_kv_computed_from_other_tokens(smol):
     with pytest.raises(InvalidRequestError, match="other tokens"):
         smol.add_request("victim", same_length_prompt, GREEDY, kv=kv)
     assert not smol.has_unfinished()
+
+
+def test_kv_received_in_place_into_reserved_blocks_continues_exactly(smol):
+    from disagg.kv.block_hash import tokens_digest
+
+    prompt = prompts()[4]
+    expected = smol.generate([prompt], GREEDY)[0].token_ids
+    smol.add_request("pre", prompt, SamplingParams(max_tokens=1, temperature=0), hold_blocks=True)
+    first = [t for o in _drain(smol) for t in o.new_token_ids]
+    views, _shape, dtype, n, digest = smol.kv_views("pre")
+    assert digest == tokens_digest(smol.tokenize(prompt))
+
+    decode = make_engine(model="smollm2-135m", kv_cache_memory="64MiB")
+    seq = decode.make_sequence("dec", prompt, GREEDY)
+    targets = decode.reserve_kv(seq, n, dtype)
+    assert [v.nbytes for v in targets]
+    assert sum(v.nbytes for v in targets) == sum(v.nbytes for v in views)
+    src = b"".join(bytes(v) for v in views)  # what a transport carries, in export order
+    off = 0
+    for t in targets:
+        t[:] = src[off : off + t.nbytes]
+        off += t.nbytes
+    assert smol.release("pre")
+    decode.add_request("dec", seq, kv=ImportedKV(None, n, digest), first_token_ids=first)
+    got = [t for o in _drain(decode) for t in o.new_token_ids]
+    assert first + got == expected
+    assert decode.block_manager.num_used_blocks == 0
+
+
+def test_reserved_blocks_are_freed_when_the_transfer_is_abandoned(smol):
+    decode = make_engine(model="smollm2-135m", kv_cache_memory="64MiB")
+    seq = decode.make_sequence("dec", prompts()[4], GREEDY)
+    assert decode.reserve_kv(seq, seq.num_prompt_tokens, "float32")
+    assert decode.block_manager.num_used_blocks > 0
+    assert decode.reserve_kv(decode.make_sequence("x", prompts()[4], GREEDY), 5, "bfloat16") is None  # dtype
+    decode.unreserve("dec")
+    assert decode.block_manager.num_used_blocks == 0

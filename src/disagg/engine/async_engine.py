@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from disagg.engine.llm_engine import LLMEngine, RequestOutput
 from disagg.engine.sampling import SamplingParams
+from disagg.engine.sequence import Sequence
 
 T = TypeVar("T")
 
@@ -47,13 +48,16 @@ class AsyncEngine:
         self._commands.put(command)
         self._wake.set()
 
-    async def generate(self, prompt: str | Seq[int], params: SamplingParams, request_id: str | None = None,
+    async def generate(self, prompt: str | Seq[int] | Sequence, params: SamplingParams, request_id: str | None = None,
                        **add_kwargs: Any) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Bad input raises here, before anything is queued."""
         if self.error is not None:
             raise EngineDeadError(f"engine stopped: {self.error}")
-        request_id = request_id or uuid.uuid4().hex
-        seq = self.engine.make_sequence(request_id, prompt, params)
+        if isinstance(prompt, Sequence):
+            seq, request_id = prompt, prompt.request_id
+        else:
+            request_id = request_id or uuid.uuid4().hex
+            seq = self.engine.make_sequence(request_id, prompt, params)
         q: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         finished = False

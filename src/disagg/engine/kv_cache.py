@@ -38,6 +38,24 @@ class PagedKVCache:
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.layers[0].device)
         return torch.stack([layer.index_select(BLOCK_DIM - 1, idx) for layer in self.layers])
 
+    def block_views(self, block_ids: list[int]) -> list[memoryview]:
+        """The memory of the given blocks as byte views, in export order (layer, K/V, head, block):
+        a transport can send from them or receive into them with no copy. CPU caches only; a run
+        of consecutive blocks is one view per (layer, K/V, head)."""
+        runs: list[tuple[int, int]] = []
+        for b in block_ids:
+            if runs and b == runs[-1][1]:
+                runs[-1] = (runs[-1][0], b + 1)
+            else:
+                runs.append((b, b + 1))
+        views = []
+        for layer in self.layers:
+            for kv in range(2):
+                for head in range(layer.shape[1]):
+                    for lo, hi in runs:
+                        views.append(memoryview(layer[kv, head, lo:hi].view(-1).view(torch.uint8).numpy()))
+        return views
+
     def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.layers[0].device)
         for layer, src in zip(self.layers, data, strict=True):

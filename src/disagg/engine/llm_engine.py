@@ -34,7 +34,7 @@ from disagg.model.loader import load_model, resolve
 class ImportedKV:
     """KV of a prompt's first `num_tokens` tokens, as exported by another engine."""
 
-    data: torch.Tensor  # [layers, 2, kv_heads, blocks, block_size, head_dim] (PagedKVCache.export_shape)
+    data: torch.Tensor | None  # [layers, 2, kv_heads, blocks, block_size, head_dim]; None: already in place
     num_tokens: int
     digest: str = ""  # tokens_digest of the tokens the KV was computed from ("" = unchecked)
 
@@ -102,6 +102,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.kv_cache, self.device, config.seed)
         self._requests: dict[str, tuple[Sequence, IncrementalDetokenizer]] = {}
         self._imports: dict[str, torch.Tensor] = {}
+        self._reserved: dict[str, Sequence] = {}  # blocks allocated for KV arriving in place
         self._ready: list[RequestOutput] = []  # outputs produced outside step(), returned by the next one
 
     # ---- requests ----
@@ -157,7 +158,11 @@ class LLMEngine:
             seq.token_ids.extend(first_token_ids)
             detok.add(list(first_token_ids))
             detok.skip_emitted()
-        if kv is not None:
+        if kv is not None and kv.data is None:  # written in place into blocks from reserve_kv()
+            if self._reserved.pop(request_id, None) is not seq:
+                raise InvalidRequestError(f"request {request_id!r} has no reserved KV blocks")
+            seq.num_imported_tokens = min(kv.num_tokens, seq.num_tokens - 1)
+        elif kv is not None:
             self._check_import(seq, kv)
             seq.num_imported_tokens = min(kv.num_tokens, seq.num_tokens - 1)
             self._imports[request_id] = kv.data
@@ -174,8 +179,27 @@ class LLMEngine:
         if kv.digest and kv.digest != tokens_digest(seq.token_ids[: kv.num_tokens]):
             raise InvalidRequestError("imported KV was computed from other tokens than this prompt's")
 
+    def reserve_kv(self, seq: Sequence, num_tokens: int, dtype: str) -> list[memoryview] | None:
+        """Allocate `seq`'s blocks for `num_tokens` tokens of incoming KV and return their memory in
+        export order, for a transport to receive into; then `add_request(seq, kv=ImportedKV(None,
+        num_tokens, digest))`, or `unreserve` if the transfer fails. None when the cache is not on
+        the CPU, the dtype differs, or blocks are short (the caller then imports a copy)."""
+        if (self.device.type != "cpu" or dtype != str(self.dtype).removeprefix("torch.")
+                or not 0 < num_tokens <= seq.num_prompt_tokens or seq.block_table
+                or not self.block_manager.can_allocate(seq, num_tokens)):
+            return None
+        self.block_manager.allocate(seq, num_tokens)
+        self._reserved[seq.request_id] = seq
+        return self.kv_cache.block_views(seq.block_table)
+
+    def unreserve(self, request_id: str) -> None:
+        seq = self._reserved.pop(request_id, None)
+        if seq is not None:
+            self.block_manager.free(seq)
+
     def abort(self, request_id: str) -> bool:
         """End a request now and free its blocks (held ones too). False if it is unknown."""
+        self.unreserve(request_id)
         entry = self._requests.pop(request_id, None)
         self._imports.pop(request_id, None)
         if entry is None:
@@ -198,6 +222,17 @@ class LLMEngine:
         blocks = seq.block_table[: -(-n // self.config.block_size)]
         return ImportedKV(self.kv_cache.read_blocks(blocks), n, tokens_digest(seq.token_ids[:n]))
 
+    def kv_views(self, request_id: str) -> tuple[list[memoryview], tuple[int, ...], str, int, str] | None:
+        """A held request's KV as byte views of the cache itself (views, export shape, dtype name,
+        tokens, digest), for sending without a copy; None when the cache is not on the CPU."""
+        seq = self.scheduler.held.get(request_id)
+        if seq is None or self.device.type != "cpu":
+            return None
+        n = seq.num_computed_tokens
+        blocks = seq.block_table[: -(-n // self.config.block_size)]
+        return (self.kv_cache.block_views(blocks), self.kv_cache.export_shape(len(blocks)),
+                str(self.dtype).removeprefix("torch."), n, tokens_digest(seq.token_ids[:n]))
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._ready)
 
@@ -207,8 +242,9 @@ class LLMEngine:
         outputs, self._ready = self._ready, []
         out = self.scheduler.schedule()
         for seq in out.imports:
-            data = self._imports.pop(seq.request_id)
-            self.kv_cache.write_blocks(seq.block_table[: data.shape[BLOCK_DIM]], data)
+            data = self._imports.pop(seq.request_id, None)
+            if data is not None:  # None: the KV was received in place
+                self.kv_cache.write_blocks(seq.block_table[: data.shape[BLOCK_DIM]], data)
         result = self.runner.execute(out)
         for seq in self.scheduler.update(out, result.tokens):
             outputs.append(self._process(seq, result.logprobs.get(seq.request_id)))

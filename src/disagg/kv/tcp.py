@@ -53,9 +53,23 @@ class KVTransferError(RuntimeError):
 
 @dataclass(frozen=True)
 class KVPayload:
-    data: torch.Tensor
+    """KV of a request's first `num_tokens` tokens: one tensor, or (sending from a CPU cache) its
+    bytes in export order as `chunks`, with `shape` and `dtype` saying what they make up."""
+
+    data: torch.Tensor | None
     num_tokens: int
     digest: str = ""  # of the tokens the KV was computed from
+    chunks: tuple[memoryview, ...] = ()
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype | None = None
+
+    def wire(self) -> tuple[tuple[memoryview, ...], tuple[int, ...], torch.dtype]:
+        if self.chunks:
+            return self.chunks, self.shape, self.dtype
+        return (tensor_bytes(self.data),), tuple(self.data.shape), self.data.dtype
+
+
+Destination = Callable[[tuple[int, ...], torch.dtype], "list[memoryview] | None"]
 
 
 def is_loopback(host: str) -> bool:
@@ -174,17 +188,18 @@ class KVServer:
         except Exception as e:
             _send_frame(conn, {"ok": False, "error": str(e)})
             return
-        raw = tensor_bytes(payload.data)
+        views, shape, dtype = payload.wire()
+        nbytes = sum(v.nbytes for v in views)
         _send_frame(conn, {"ok": True, "num_tokens": payload.num_tokens, "digest": payload.digest,
-                           "shape": list(payload.data.shape), "dtype": str(payload.data.dtype).removeprefix("torch."),
-                           "nbytes": raw.nbytes})
+                           "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "nbytes": nbytes})
         crc = 0
-        for off in range(0, raw.nbytes, CHUNK):
-            chunk = raw[off : off + CHUNK]
-            crc = zlib.crc32(chunk, crc)
-            self.link.send_blocking(conn, chunk)
+        for view in views:
+            for off in range(0, view.nbytes, CHUNK):
+                chunk = view[off : off + CHUNK]
+                crc = zlib.crc32(chunk, crc)
+                self.link.send_blocking(conn, chunk)
         _send_frame(conn, {"crc32": crc})
-        self._on_sent(raw.nbytes)
+        self._on_sent(nbytes)
 
 
 class KVClient:
@@ -197,34 +212,42 @@ class KVClient:
         return bool(self._secret)
 
     async def pull(self, host: str, port: int, request_id: str, expected_shape: tuple[int, ...] | None = None,
-                   release: bool = True) -> KVPayload:
-        """Fetch a request's KV and (by default) tell the server to free it."""
-        return await asyncio.to_thread(self.pull_blocking, host, port, request_id, expected_shape, release)
+                   release: bool = True, into: Destination | None = None) -> KVPayload:
+        """Fetch a request's KV and (by default) tell the server to free it. `into(shape, dtype)`
+        may give the memory to receive into (in export order); the result's data is then None."""
+        return await asyncio.to_thread(self.pull_blocking, host, port, request_id, expected_shape, release, into)
 
     async def release(self, host: str, port: int, request_id: str) -> bool:
         """Tell a KV server to free a request's held blocks without pulling them."""
         return await asyncio.to_thread(self._session, host, port, lambda s: self._release(s, request_id))
 
     def pull_blocking(self, host: str, port: int, request_id: str, expected: tuple[int, ...] | None = None,
-                      release: bool = True) -> KVPayload:
+                      release: bool = True, into: Destination | None = None) -> KVPayload:
         def pull(sock: socket.socket) -> KVPayload:
             _send_frame(sock, {"op": "pull", "request_id": request_id})
             head = _read_frame(sock)
             if not head.get("ok"):
                 raise KVTransferError(f"KV server refused: {head.get('error')}")
             shape, dtype = self._check(head, expected)
-            buf = torch.empty(head["nbytes"], dtype=torch.uint8)
-            view = memoryview(buf.numpy())
+            views = into(shape, dtype) if into is not None else None
+            buf = None
+            if views is None:
+                buf = torch.empty(head["nbytes"], dtype=torch.uint8)
+                views = [memoryview(buf.numpy())]
+            elif sum(v.nbytes for v in views) != head["nbytes"]:
+                raise KVTransferError("KV payload does not fit the memory given for it")
             crc = 0
-            for off in range(0, len(view), CHUNK):
-                chunk = view[off : off + CHUNK]
-                _recv_exact(sock, chunk)
-                crc = zlib.crc32(chunk, crc)
+            for view in views:
+                for off in range(0, view.nbytes, CHUNK):
+                    chunk = view[off : off + CHUNK]
+                    _recv_exact(sock, chunk)
+                    crc = zlib.crc32(chunk, crc)
             if _read_frame(sock).get("crc32") != crc:
                 raise KVTransferError("KV payload checksum mismatch")
             if release:
                 self._release(sock, request_id)
-            return KVPayload(buf.view(dtype).reshape(shape), head["num_tokens"], str(head.get("digest", "")))
+            data = None if buf is None else buf.view(dtype).reshape(shape)
+            return KVPayload(data, head["num_tokens"], str(head.get("digest", "")), shape=shape, dtype=dtype)
 
         return self._session(host, port, pull)
 

@@ -37,6 +37,7 @@ class KVTransferParams(BaseModel):
     remote_request_id: str | None = Field(default=None, max_length=256)
     num_tokens: int | None = Field(default=None, ge=1)  # ours: prompt tokens the KV covers
     first_token_ids: list[int] | None = Field(default=None, max_length=16)  # ours: tokens already sampled
+    kv_dtype: str | None = Field(default=None, max_length=16)  # ours: dtype of the held KV
 
 
 class _Common(BaseModel):

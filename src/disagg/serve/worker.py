@@ -16,12 +16,14 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -32,6 +34,7 @@ from disagg.engine.config import EngineConfig
 from disagg.engine.llm_engine import ImportedKV, LLMEngine, RequestOutput
 from disagg.engine.sampler import TokenLogprob
 from disagg.engine.sampling import SamplingParams
+from disagg.engine.sequence import Sequence
 from disagg.errors import DisaggError, ModelNotFoundError
 from disagg.kv.block_hash import tokens_digest
 from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError, is_loopback
@@ -99,6 +102,11 @@ class Worker:
     async def _export(self, rid: str) -> KVPayload:
         if rid not in self.leases or self.engine is None:
             raise KVTransferError(f"no KV held for request {rid!r} (released or lease expired)")
+        self.leases[rid] = time.monotonic() + self.opts.kv_lease  # renewed: never expires mid-transfer
+        views = await self.engine.call(lambda e: e.kv_views(rid))
+        if views is not None:  # straight from the CPU cache's memory
+            chunks, shape, dtype, n, digest = views
+            return KVPayload(None, n, digest, chunks=tuple(chunks), shape=shape, dtype=getattr(torch, dtype))
         kv = await self.engine.call(lambda e: e.export_kv(rid))
         return KVPayload(kv.data, kv.num_tokens, kv.digest)
 
@@ -131,7 +139,7 @@ class Worker:
             params = dataclasses.replace(params, max_tokens=1)
             add["hold_blocks"] = True
         elif kvp is not None and kvp.do_remote_prefill:
-            prompt = engine.engine.tokenize(prompt)
+            prompt = engine.engine.make_sequence(rid, prompt, params)
             add = await self._pull(engine, kvp, prompt)
         t0 = time.perf_counter()
         stream = engine.generate(prompt, params, request_id=rid, **add)
@@ -156,10 +164,12 @@ class Worker:
         self.leases[rid] = time.monotonic() + self.opts.kv_lease
         return {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
                 "remote_host": self.opts.kv_host, "remote_port": self.kv_port, "remote_block_ids": blocks,
-                "remote_request_id": rid, "num_tokens": n,
+                "remote_request_id": rid, "num_tokens": n, "kv_dtype": str(engine.engine.dtype).removeprefix("torch."),
                 "first_token_ids": [t for o in outs for t in o.new_token_ids]}
 
-    async def _pull(self, engine: AsyncEngine, kvp: Any, prompt_ids: list[int]) -> dict[str, Any]:
+    async def _pull(self, engine: AsyncEngine, kvp: Any, seq: Sequence) -> dict[str, Any]:
+        """Pull the prompt's KV, into reserved cache blocks when possible, else into a tensor to
+        import; any failure means recomputing the prompt instead."""
         first = tuple(kvp.first_token_ids or ())
         if not (kvp.remote_host and kvp.remote_port and kvp.remote_request_id):
             return {"first_token_ids": first}
@@ -169,18 +179,23 @@ class Worker:
             self.metrics.kv_pull_failures.inc()
             log.warning("refusing a KV pull from %s without DISAGG_KV_SECRET; recomputing", kvp.remote_host)
             return {"first_token_ids": first}
+        rid = seq.request_id
+        views = None
+        if kvp.kv_dtype and kvp.num_tokens:
+            views = await engine.call(lambda e: e.reserve_kv(seq, kvp.num_tokens, kvp.kv_dtype))
         try:
             payload = await self.kv_client.pull(kvp.remote_host, kvp.remote_port, kvp.remote_request_id,
-                                                engine.engine.kv_cache.export_shape(-1))
+                                                engine.engine.kv_cache.export_shape(-1),
+                                                into=(lambda shape, dtype: views) if views is not None else None)
+            if payload.digest != tokens_digest(seq.token_ids[: payload.num_tokens]):
+                raise KVTransferError(f"KV from {kvp.remote_host} was computed from other tokens than this prompt")
         except KVTransferError as e:
+            if views is not None:
+                await engine.call(lambda e: e.unreserve(rid))
             self.metrics.kv_pull_failures.inc()
             log.warning("%s; recomputing the prompt instead", e)
             return {"first_token_ids": first}
-        self.metrics.kv_bytes_received.inc(payload.data.numel() * payload.data.element_size())
-        if payload.digest != tokens_digest(prompt_ids[: payload.num_tokens]):
-            self.metrics.kv_pull_failures.inc()
-            log.warning("KV from %s was computed from other tokens than this prompt; recomputing", kvp.remote_host)
-            return {"first_token_ids": first}
+        self.metrics.kv_bytes_received.inc(math.prod(payload.shape) * payload.dtype.itemsize)
         return {"kv": ImportedKV(payload.data, payload.num_tokens, payload.digest), "first_token_ids": first}
 
     async def _sse(self, fmt: _Formatter, first: RequestOutput, stream: AsyncIterator[RequestOutput], t0: float,
