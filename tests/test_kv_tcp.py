@@ -82,3 +82,29 @@ def test_binding_beyond_loopback_needs_a_secret():
             await server.start("0.0.0.0", 0)
 
     run(main())
+
+
+def test_shared_memory_pull_is_exact_and_leaves_no_segment():
+    import os
+
+    async def main():
+        data = torch.randn(2, 2, 1, 3, 16, 4)
+        server, port, _, _ = await _serve(data=data)
+        client = KVClient(secret="")
+        got = await client.pull("127.0.0.1", port, "r1", shm=True, release=False)
+        dest = [memoryview(bytearray(data.numel() * 4))]
+        again = await client.pull("127.0.0.1", port, "r1", shm=True, into=lambda shape, dtype: dest)
+        await server.close()
+        return data, got, again, dest
+
+    before = {f for f in os.listdir("/dev/shm") if f.startswith("disagg-kv-")}
+    data, got, again, dest = run(main())
+    assert torch.equal(got.data, data)
+    assert again.data is None
+    assert torch.equal(torch.frombuffer(dest[0], dtype=torch.float32).reshape(data.shape), data)
+    assert {f for f in os.listdir("/dev/shm") if f.startswith("disagg-kv-")} == before
+
+
+def test_shared_memory_is_refused_across_hosts():
+    with pytest.raises(KVTransferError, match="one host"):
+        KVClient(secret="").pull_blocking("10.0.0.1", 1, "r1", shm=True)

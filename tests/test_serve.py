@@ -147,8 +147,9 @@ def test_client_disconnect_aborts_on_every_worker(cluster):
     assert wait_until(lambda: all_blocks_free(cluster))
 
 
-def test_disaggregated_kv_bytes_match_the_size_formula():
-    with start("disaggregated") as c:
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_disaggregated_kv_bytes_match_the_size_formula(transport):
+    with start("disaggregated", kv_transport=transport) as c:
         decode = next(u for n, u in c.worker_urls().items() if n.startswith("decode"))
         prefill = next(u for n, u in c.worker_urls().items() if n.startswith("prefill"))
         per_token = kv_bytes_per_token(PRESETS[MODEL].config, "fp32")

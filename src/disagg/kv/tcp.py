@@ -26,13 +26,15 @@ import contextlib
 import hashlib
 import hmac
 import math
+import mmap
 import os
+import re
 import secrets
 import socket
 import struct
 import threading
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +116,115 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy())
 
 
+SHM_DIR = "/dev/shm"
+SHM_NAME = re.compile(r"disagg-kv-[0-9a-f]{32}")
+
+
+class SharedSegment:
+    """A file in /dev/shm, readable by this user only, mapped once and reused for many transfers
+    (fresh tmpfs pages cost a page fault each, which would make every transfer pay for memory)."""
+
+    def __init__(self, size: int) -> None:
+        self.name = f"disagg-kv-{secrets.token_hex(16)}"
+        self.size = size
+        fd = os.open(os.path.join(SHM_DIR, self.name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self.mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+
+    def fill(self, views: tuple[memoryview, ...] | list[memoryview]) -> int:
+        """Copy the views in, in order; returns their CRC32, computed as they pass."""
+        crc, off = 0, 0
+        dst = memoryview(self.mm)
+        try:
+            for view in views:
+                for lo in range(0, view.nbytes, CHUNK):
+                    chunk = view[lo : lo + CHUNK]
+                    dst[off : off + chunk.nbytes] = chunk
+                    crc = zlib.crc32(chunk, crc)
+                    off += chunk.nbytes
+        finally:
+            dst.release()
+        return crc
+
+    def close(self) -> None:
+        self.mm.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(SHM_DIR, self.name))
+
+
+class SegmentPool:
+    """The server's segments: one is lent to each shared-memory transfer and returned when the
+    reader is done with it."""
+
+    def __init__(self, max_idle: int = 4) -> None:
+        self._idle: list[SharedSegment] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.max_idle = max_idle
+
+    @contextlib.contextmanager
+    def lend(self, size: int) -> Iterator[SharedSegment]:
+        with self._lock:
+            fits = [s for s in self._idle if s.size >= size]
+            seg = min(fits, key=lambda s: s.size) if fits else None
+            if seg is not None:
+                self._idle.remove(seg)
+        seg = seg or SharedSegment(max(size, 1))
+        try:
+            yield seg
+        finally:
+            with self._lock:
+                self._idle.append(seg)
+                while len(self._idle) > (0 if self._closed else self.max_idle):
+                    self._idle.pop(0).close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for seg in self._idle:
+                seg.close()
+            self._idle.clear()
+
+
+class SegmentReader:
+    """The client's mappings of servers' segments, kept open across transfers."""
+
+    def __init__(self, max_open: int = 8) -> None:
+        self._maps: dict[str, mmap.mmap] = {}
+        self._lock = threading.Lock()
+        self.max_open = max_open
+
+    def read_into(self, name: str, views: list[memoryview]) -> int:
+        with self._lock:
+            mm = self._maps.get(name)
+            if mm is None:
+                fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
+                try:
+                    mm = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
+                finally:
+                    os.close(fd)
+                self._maps[name] = mm
+                while len(self._maps) > self.max_open:
+                    self._maps.pop(next(iter(self._maps))).close()
+            src = memoryview(mm)
+            try:
+                crc, off = 0, 0
+                for view in views:
+                    if off + view.nbytes > len(src):
+                        raise KVTransferError("shared-memory segment is shorter than its header says")
+                    for lo in range(0, view.nbytes, CHUNK):
+                        chunk = view[lo : lo + CHUNK]
+                        chunk[:] = src[off : off + chunk.nbytes]
+                        crc = zlib.crc32(chunk, crc)
+                        off += chunk.nbytes
+                return crc
+            finally:
+                src.release()
+
+
 class KVServer:
     """Serves held KV on a TCP port. `export(request_id)` returns the payload; `release(request_id)`
     frees the blocks; both are coroutines of the caller's event loop, run there from the
@@ -128,6 +239,7 @@ class KVServer:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = threading.Event()
+        self._segments = SegmentPool()
 
     async def start(self, host: str, port: int) -> int:
         if not is_loopback(host) and not self._secret:
@@ -139,6 +251,7 @@ class KVServer:
 
     async def close(self) -> None:
         self._closed.set()
+        self._segments.close()
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -174,7 +287,7 @@ class KVServer:
                     if not isinstance(rid, str) or len(rid) > 256:
                         _send_frame(conn, {"ok": False, "error": "request_id must be a string"})
                     elif op == "pull":
-                        self._send(conn, rid)
+                        self._send(conn, rid, via_shm=msg.get("via") == "shm")
                     elif op == "release":
                         _send_frame(conn, {"ok": bool(self._call(self._release(rid)))})
                     else:
@@ -182,7 +295,7 @@ class KVServer:
             except (OSError, ConnectionError, KVTransferError, msgpack.UnpackException, ValueError):
                 return
 
-    def _send(self, conn: socket.socket, rid: str) -> None:
+    def _send(self, conn: socket.socket, rid: str, via_shm: bool = False) -> None:
         try:
             payload = self._call(self._export(rid))
         except Exception as e:
@@ -190,8 +303,16 @@ class KVServer:
             return
         views, shape, dtype = payload.wire()
         nbytes = sum(v.nbytes for v in views)
-        _send_frame(conn, {"ok": True, "num_tokens": payload.num_tokens, "digest": payload.digest,
-                           "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "nbytes": nbytes})
+        head = {"ok": True, "num_tokens": payload.num_tokens, "digest": payload.digest, "shape": list(shape),
+                "dtype": str(dtype).removeprefix("torch."), "nbytes": nbytes}
+        if via_shm:
+            with self._segments.lend(nbytes) as seg:
+                crc = seg.fill(views)
+                _send_frame(conn, head | {"shm": seg.name, "crc32": crc})
+                _read_frame(conn)  # the reader says when it is done; the segment goes with this block
+            self._on_sent(nbytes)
+            return
+        _send_frame(conn, head)
         crc = 0
         for view in views:
             for off in range(0, view.nbytes, CHUNK):
@@ -206,25 +327,31 @@ class KVClient:
     def __init__(self, secret: str | None = None, timeout: float = 30.0) -> None:
         self._secret = secret if secret is not None else os.environ.get("DISAGG_KV_SECRET")
         self.timeout = timeout
+        self._segments = SegmentReader()
 
     @property
     def has_secret(self) -> bool:
         return bool(self._secret)
 
     async def pull(self, host: str, port: int, request_id: str, expected_shape: tuple[int, ...] | None = None,
-                   release: bool = True, into: Destination | None = None) -> KVPayload:
+                   release: bool = True, into: Destination | None = None, shm: bool = False) -> KVPayload:
         """Fetch a request's KV and (by default) tell the server to free it. `into(shape, dtype)`
-        may give the memory to receive into (in export order); the result's data is then None."""
-        return await asyncio.to_thread(self.pull_blocking, host, port, request_id, expected_shape, release, into)
+        may give the memory to receive into (in export order); the result's data is then None.
+        `shm`: move the bytes through a shared-memory segment (same host only)."""
+        return await asyncio.to_thread(self.pull_blocking, host, port, request_id, expected_shape, release, into,
+                                       shm)
 
     async def release(self, host: str, port: int, request_id: str) -> bool:
         """Tell a KV server to free a request's held blocks without pulling them."""
         return await asyncio.to_thread(self._session, host, port, lambda s: self._release(s, request_id))
 
     def pull_blocking(self, host: str, port: int, request_id: str, expected: tuple[int, ...] | None = None,
-                      release: bool = True, into: Destination | None = None) -> KVPayload:
+                      release: bool = True, into: Destination | None = None, shm: bool = False) -> KVPayload:
+        if shm and not is_loopback(host):
+            raise KVTransferError(f"shared memory needs both workers on one host, not {host}")
+
         def pull(sock: socket.socket) -> KVPayload:
-            _send_frame(sock, {"op": "pull", "request_id": request_id})
+            _send_frame(sock, {"op": "pull", "request_id": request_id, "via": "shm" if shm else "tcp"})
             head = _read_frame(sock)
             if not head.get("ok"):
                 raise KVTransferError(f"KV server refused: {head.get('error')}")
@@ -236,13 +363,24 @@ class KVClient:
                 views = [memoryview(buf.numpy())]
             elif sum(v.nbytes for v in views) != head["nbytes"]:
                 raise KVTransferError("KV payload does not fit the memory given for it")
-            crc = 0
-            for view in views:
-                for off in range(0, view.nbytes, CHUNK):
-                    chunk = view[off : off + CHUNK]
-                    _recv_exact(sock, chunk)
-                    crc = zlib.crc32(chunk, crc)
-            if _read_frame(sock).get("crc32") != crc:
+            if shm:
+                name = head.get("shm")
+                if not isinstance(name, str) or not SHM_NAME.fullmatch(name):
+                    raise KVTransferError("malformed shared-memory name")
+                try:
+                    crc = self._segments.read_into(name, views)
+                finally:
+                    _send_frame(sock, {"op": "shm_done"})
+                expected_crc = head.get("crc32")
+            else:
+                crc = 0
+                for view in views:
+                    for off in range(0, view.nbytes, CHUNK):
+                        chunk = view[off : off + CHUNK]
+                        _recv_exact(sock, chunk)
+                        crc = zlib.crc32(chunk, crc)
+                expected_crc = _read_frame(sock).get("crc32")
+            if expected_crc != crc:
                 raise KVTransferError("KV payload checksum mismatch")
             if release:
                 self._release(sock, request_id)

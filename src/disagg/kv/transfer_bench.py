@@ -111,8 +111,8 @@ def _pct(xs: list[float], q: float) -> float:
 def run(opts: TransferBenchOptions) -> list[dict[str, float]]:
     from disagg.errors import ConfigError
 
-    if opts.transport != "tcp":
-        raise ConfigError(f"transport {opts.transport!r} is not built yet; use tcp")
+    if opts.transport not in ("tcp", "shm"):
+        raise ConfigError(f"transport {opts.transport!r} is not built yet; use tcp or shm")
     if opts.repeats < 1:
         raise ConfigError("repeats must be >= 1")
     link = Link.parse(opts.kv_bandwidth, opts.kv_latency)
@@ -130,7 +130,7 @@ def run(opts: TransferBenchOptions) -> list[dict[str, float]]:
             for _ in range(opts.repeats):
                 t0 = time.perf_counter()
                 client.pull_blocking("127.0.0.1", server.port, str(n), release=False,
-                                     into=lambda shape, dtype, dest=dest: dest)
+                                     into=lambda shape, dtype, dest=dest: dest, shm=opts.transport == "shm")
                 times.append(time.perf_counter() - t0)
             n = n // 2 * 2
             rows.append({"bytes": n, "gbps": n / _pct(times, 50) / 1e9, "p50_ms": 1e3 * _pct(times, 50),

@@ -13,6 +13,12 @@ from disagg.kv.netem import Link
 ROLES = ("both", "prefill", "decode")
 MODES = ("single", "replicated", "disaggregated")
 ARCHS = ("single", "replicated", "disaggregated", "single-all")
+KV_TRANSPORTS = ("tcp", "shm")
+
+
+def _check_transport(name: str) -> None:
+    if name not in KV_TRANSPORTS:
+        raise ConfigError(f"kv_transport must be one of {', '.join(KV_TRANSPORTS)}, got {name!r}")
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,8 @@ class ServeOptions:
                                                              "DISAGG_KV_SECRET)"))
     kv_port: int = field(default=0, metadata=_help("KV port of a prefill worker (0: any free port)"))
     kv_lease: float = field(default=30.0, metadata=_help("seconds a prefill holds KV blocks for a decode worker"))
+    kv_transport: str = field(default="tcp", metadata=_help("how decode workers pull this prefill's KV: tcp, or shm "
+                                                               "(shared memory, same host)"))
     kv_bandwidth: str | None = field(default=None, metadata=_help("emulate a link rate for KV sent, e.g. 10gbit"))
     kv_latency: str | None = field(default=None, metadata=_help("emulate a one-way link delay for KV sent, e.g. 20us"))
     cpus: str | None = field(default=None, metadata=_help("pin to these CPU cores, e.g. 0,1 or 2-3 (threads default "
@@ -42,6 +50,7 @@ class ServeOptions:
             raise ConfigError(f"kv_lease must be > 0 seconds, got {self.kv_lease}")
         self.cpu_list()
         self.link()
+        _check_transport(self.kv_transport)
 
     def link(self) -> Link:
         return Link.parse(self.kv_bandwidth, self.kv_latency)
@@ -101,6 +110,7 @@ class UpOptions:
     port: int = field(default=8000, metadata=_help("the proxy's port, the cluster's endpoint"))
     stream_first_token: bool = field(default=True, metadata=_help("disaggregated: stream token 1 from prefill"))
     kv_lease: float = field(default=30.0, metadata=_help("seconds a prefill worker holds KV for decode"))
+    kv_transport: str = field(default="tcp", metadata=_help("tcp, or shm (shared memory between the workers)"))
     kv_bandwidth: str | None = field(default=None, metadata=_help("emulated KV link rate, e.g. 10gbit"))
     kv_latency: str | None = field(default=None, metadata=_help("emulated KV link one-way delay, e.g. 20us"))
     startup_timeout: float = field(default=300.0, metadata=_help("seconds to wait for every worker's /health"))
@@ -112,6 +122,7 @@ class UpOptions:
         if self.budget < 1:
             raise ConfigError(f"budget must be at least 1 unit, got {self.budget}")
         Link.parse(self.kv_bandwidth, self.kv_latency)
+        _check_transport(self.kv_transport)
         if self.arch != "disaggregated" and (self.prefill or self.decode):
             raise ConfigError("--prefill and --decode apply to --arch disaggregated only")
         if self.arch == "disaggregated":

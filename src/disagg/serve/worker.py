@@ -165,6 +165,7 @@ class Worker:
         return {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
                 "remote_host": self.opts.kv_host, "remote_port": self.kv_port, "remote_block_ids": blocks,
                 "remote_request_id": rid, "num_tokens": n, "kv_dtype": str(engine.engine.dtype).removeprefix("torch."),
+                "kv_transport": self.opts.kv_transport,
                 "first_token_ids": [t for o in outs for t in o.new_token_ids]}
 
     async def _pull(self, engine: AsyncEngine, kvp: Any, seq: Sequence) -> dict[str, Any]:
@@ -186,7 +187,8 @@ class Worker:
         try:
             payload = await self.kv_client.pull(kvp.remote_host, kvp.remote_port, kvp.remote_request_id,
                                                 engine.engine.kv_cache.export_shape(-1),
-                                                into=(lambda shape, dtype: views) if views is not None else None)
+                                                into=(lambda shape, dtype: views) if views is not None else None,
+                                                shm=kvp.kv_transport == "shm" and is_loopback(kvp.remote_host))
             if payload.digest != tokens_digest(seq.token_ids[: payload.num_tokens]):
                 raise KVTransferError(f"KV from {kvp.remote_host} was computed from other tokens than this prompt")
         except KVTransferError as e:
