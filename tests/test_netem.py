@@ -36,4 +36,4 @@ def test_transfer_bench_reports_every_size_and_an_emulated_link_is_never_faster_
 
 def test_unbuilt_transports_are_a_clear_error():
     with pytest.raises(ConfigError, match="not built yet"):
-        run(TransferBenchOptions(transport="shm"))
+        run(TransferBenchOptions(transport="nixl"))
