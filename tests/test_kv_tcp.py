@@ -108,3 +108,44 @@ def test_shared_memory_pull_is_exact_and_leaves_no_segment():
 def test_shared_memory_is_refused_across_hosts():
     with pytest.raises(KVTransferError, match="one host"):
         KVClient(secret="").pull_blocking("10.0.0.1", 1, "r1", shm=True)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8", "int4"])
+def test_codecs_on_the_wire_shrink_the_bytes_and_decode_close(codec):
+    sent = []
+
+    async def main():
+        data = torch.randn(2, 2, 1, 3, 16, 4)
+        held = {"r1": KVPayload(data, 40)}
+
+        async def export(rid):
+            return held[rid]
+
+        async def release(rid):
+            return True
+
+        server = KVServer(export, release, on_sent=sent.append)
+        port = await server.start("127.0.0.1", 0)
+        got = await KVClient(secret="").pull("127.0.0.1", port, "r1", codec=codec, release=False)
+        plain = await KVClient(secret="").pull("127.0.0.1", port, "r1", release=False)
+        await server.close()
+        return data, got, plain
+
+    data, got, plain = run(main())
+    assert torch.equal(plain.data, data)
+    assert got.data.shape == data.shape
+    assert got.data.dtype == data.dtype
+    limit = {"fp16": 0.55, "int8": 0.5, "int4": 0.4}[codec]  # of the fp32 bytes, scales included
+    assert sent[0] <= limit * sent[1]
+    rel = ((got.data - data).norm() / data.norm()).item()
+    assert rel < {"fp16": 1e-3, "int8": 0.02, "int4": 0.2}[codec]
+
+
+def test_an_unknown_codec_is_refused():
+    async def main():
+        server, port, _, _ = await _serve()
+        with pytest.raises(KVTransferError, match="codec"):
+            await KVClient(secret="").pull("127.0.0.1", port, "r1", codec="zip")
+        await server.close()
+
+    run(main())

@@ -16,6 +16,7 @@ from conftest import make_engine
 from disagg.engine.config import EngineConfig
 from disagg.engine.sampling import SamplingParams
 from disagg.kv.layout import kv_bytes_per_token
+from disagg.model.loader import resolve
 from disagg.model.presets import PRESETS
 from disagg.serve.launcher import Cluster, free_port
 from disagg.serve.options import UpOptions
@@ -264,3 +265,18 @@ def test_decode_recomputes_when_the_kv_belongs_to_another_prompt(reference):
         assert r.json()["choices"][0]["text"] == reference[0]  # right answer for its own prompt
         assert metrics(decode)["disagg_kv_pull_failures_total"] == 1
         assert wait_until(lambda: all_blocks_free(c))
+
+
+def test_decode_with_a_wire_codec_gets_the_same_tokens_from_fewer_bytes(reference):
+    with start("disaggregated", kv_codec="fp16") as c:
+        decode = next(u for n, u in c.worker_urls().items() if n.startswith("decode"))
+        prefill = next(u for n, u in c.worker_urls().items() if n.startswith("prefill"))
+        kw = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0, "extra_body": {"ignore_eos": True}}
+        texts = [client(c).completions.create(prompt=p, **kw).choices[0].text for p in PROMPTS]
+        assert texts == reference  # fp16 of an fp32 cache keeps these greedy tokens
+        per_token = kv_bytes_per_token(PRESETS[MODEL].config, "fp16")
+        tokenizer = resolve(MODEL).tokenizer
+        blocks = sum(-(-len(tokenizer.encode(p)) // 16) for p in PROMPTS)
+        assert metrics(decode)["disagg_kv_bytes_received_total"] == blocks * 16 * per_token
+        assert metrics(prefill)["disagg_kv_bytes_sent_total"] == metrics(decode)["disagg_kv_bytes_received_total"]
+        assert metrics(decode)["disagg_kv_pull_failures_total"] == 0

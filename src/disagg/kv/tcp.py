@@ -41,12 +41,14 @@ from typing import Any
 import msgpack
 import torch
 
+from disagg.kv.codecs import CODECS, decode, encode
 from disagg.kv.netem import Link
 
 MAX_FRAME = 1 << 20  # metadata frames are small; refuse anything bigger
 MAX_PAYLOAD = 64 << 30
 CHUNK = 1 << 20  # checksummed and paced in pieces this big
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PART_DTYPES = DTYPES | {"int8": torch.int8, "uint8": torch.uint8, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 class KVTransferError(RuntimeError):
@@ -64,6 +66,7 @@ class KVPayload:
     chunks: tuple[memoryview, ...] = ()
     shape: tuple[int, ...] = ()
     dtype: torch.dtype | None = None
+    wire_bytes: int = 0  # what crossed the transport (after a codec)
 
     def wire(self) -> tuple[tuple[memoryview, ...], tuple[int, ...], torch.dtype]:
         if self.chunks:
@@ -287,7 +290,11 @@ class KVServer:
                     if not isinstance(rid, str) or len(rid) > 256:
                         _send_frame(conn, {"ok": False, "error": "request_id must be a string"})
                     elif op == "pull":
-                        self._send(conn, rid, via_shm=msg.get("via") == "shm")
+                        codec = msg.get("codec", "none")
+                        if codec not in CODECS:
+                            _send_frame(conn, {"ok": False, "error": f"unknown codec {codec!r}"})
+                        else:
+                            self._send(conn, rid, via_shm=msg.get("via") == "shm", codec=codec)
                     elif op == "release":
                         _send_frame(conn, {"ok": bool(self._call(self._release(rid)))})
                     else:
@@ -295,16 +302,21 @@ class KVServer:
             except (OSError, ConnectionError, KVTransferError, msgpack.UnpackException, ValueError):
                 return
 
-    def _send(self, conn: socket.socket, rid: str, via_shm: bool = False) -> None:
+    def _send(self, conn: socket.socket, rid: str, via_shm: bool = False, codec: str = "none") -> None:
         try:
             payload = self._call(self._export(rid))
         except Exception as e:
             _send_frame(conn, {"ok": False, "error": str(e)})
             return
         views, shape, dtype = payload.wire()
+        parts_meta = None
+        if codec != "none":  # the wire carries the codec's parts, back to back
+            parts = encode(codec, _assemble(views, shape, dtype))
+            views = tuple(tensor_bytes(t) for t in parts.values())
+            parts_meta = [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in parts.items()]
         nbytes = sum(v.nbytes for v in views)
         head = {"ok": True, "num_tokens": payload.num_tokens, "digest": payload.digest, "shape": list(shape),
-                "dtype": str(dtype).removeprefix("torch."), "nbytes": nbytes}
+                "dtype": str(dtype).removeprefix("torch."), "nbytes": nbytes, "codec": codec, "parts": parts_meta}
         if via_shm:
             with self._segments.lend(nbytes) as seg:
                 crc = seg.fill(views)
@@ -334,29 +346,33 @@ class KVClient:
         return bool(self._secret)
 
     async def pull(self, host: str, port: int, request_id: str, expected_shape: tuple[int, ...] | None = None,
-                   release: bool = True, into: Destination | None = None, shm: bool = False) -> KVPayload:
+                   release: bool = True, into: Destination | None = None, shm: bool = False,
+                   codec: str = "none") -> KVPayload:
         """Fetch a request's KV and (by default) tell the server to free it. `into(shape, dtype)`
         may give the memory to receive into (in export order); the result's data is then None.
-        `shm`: move the bytes through a shared-memory segment (same host only)."""
+        `shm`: move the bytes through a shared-memory segment (same host only). `codec`: compress
+        on the wire (kv/codecs.py); the KV then arrives as a tensor, never in place."""
         return await asyncio.to_thread(self.pull_blocking, host, port, request_id, expected_shape, release, into,
-                                       shm)
+                                       shm, codec)
 
     async def release(self, host: str, port: int, request_id: str) -> bool:
         """Tell a KV server to free a request's held blocks without pulling them."""
         return await asyncio.to_thread(self._session, host, port, lambda s: self._release(s, request_id))
 
     def pull_blocking(self, host: str, port: int, request_id: str, expected: tuple[int, ...] | None = None,
-                      release: bool = True, into: Destination | None = None, shm: bool = False) -> KVPayload:
+                      release: bool = True, into: Destination | None = None, shm: bool = False,
+                      codec: str = "none") -> KVPayload:
         if shm and not is_loopback(host):
             raise KVTransferError(f"shared memory needs both workers on one host, not {host}")
 
         def pull(sock: socket.socket) -> KVPayload:
-            _send_frame(sock, {"op": "pull", "request_id": request_id, "via": "shm" if shm else "tcp"})
+            _send_frame(sock, {"op": "pull", "request_id": request_id, "via": "shm" if shm else "tcp",
+                               "codec": codec})
             head = _read_frame(sock)
             if not head.get("ok"):
                 raise KVTransferError(f"KV server refused: {head.get('error')}")
-            shape, dtype = self._check(head, expected)
-            views = into(shape, dtype) if into is not None else None
+            shape, dtype, parts = self._check(head, expected, codec)
+            views = into(shape, dtype) if into is not None and not parts else None
             buf = None
             if views is None:
                 buf = torch.empty(head["nbytes"], dtype=torch.uint8)
@@ -384,8 +400,12 @@ class KVClient:
                 raise KVTransferError("KV payload checksum mismatch")
             if release:
                 self._release(sock, request_id)
-            data = None if buf is None else buf.view(dtype).reshape(shape)
-            return KVPayload(data, head["num_tokens"], str(head.get("digest", "")), shape=shape, dtype=dtype)
+            if parts:
+                data = _decode_parts(codec, buf, parts, shape, dtype)
+            else:
+                data = None if buf is None else buf.view(dtype).reshape(shape)
+            return KVPayload(data, head["num_tokens"], str(head.get("digest", "")), shape=shape, dtype=dtype,
+                             wire_bytes=head["nbytes"])
 
         return self._session(host, port, pull)
 
@@ -407,14 +427,55 @@ class KVClient:
             raise KVTransferError(f"KV transfer with {host}:{port} failed: {e!r}") from e
 
     @staticmethod
-    def _check(head: dict[str, Any], expected: tuple[int, ...] | None) -> tuple[tuple[int, ...], torch.dtype]:
+    def _check(head: dict[str, Any], expected: tuple[int, ...] | None,
+               codec: str) -> tuple[tuple[int, ...], torch.dtype, list[tuple[str, torch.dtype, tuple[int, ...]]]]:
         shape, dtype, nbytes = head.get("shape"), DTYPES.get(head.get("dtype")), head.get("nbytes")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape) and dtype is not None
-                and isinstance(nbytes, int) and isinstance(head.get("num_tokens"), int)):
+        if not (_is_shape(shape) and dtype is not None and isinstance(nbytes, int)
+                and isinstance(head.get("num_tokens"), int)):
             raise KVTransferError("malformed KV header")
-        if nbytes != math.prod(shape) * torch.tensor([], dtype=dtype).element_size() or nbytes > MAX_PAYLOAD:
+        parts = []
+        if codec != "none":
+            if head.get("codec") != codec or not isinstance(head.get("parts"), list):
+                raise KVTransferError(f"the KV server did not encode with {codec}")
+            for meta in head["parts"]:
+                if not (isinstance(meta, list) and len(meta) == 3 and isinstance(meta[0], str)
+                        and meta[1] in PART_DTYPES and _is_shape(meta[2], allow_zero=True)):
+                    raise KVTransferError("malformed KV part")
+                parts.append((meta[0], PART_DTYPES[meta[1]], tuple(meta[2])))
+            wire = sum(math.prod(s) * torch.tensor([], dtype=d).element_size() for _, d, s in parts)
+        else:
+            wire = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        if nbytes != wire or nbytes > MAX_PAYLOAD:
             raise KVTransferError("KV header size does not match its shape")
         if expected is not None and (len(shape) != len(expected) or any(
                 e not in (-1, s) for e, s in zip(expected, shape, strict=True))):
             raise KVTransferError(f"KV shape {shape} does not fit this engine ({list(expected)})")
-        return tuple(shape), dtype
+        return tuple(shape), dtype, parts
+
+
+def _is_shape(shape: Any, allow_zero: bool = False) -> bool:
+    return isinstance(shape, list) and len(shape) <= 8 and all(
+        isinstance(d, int) and (d >= 0 if allow_zero else d > 0) for d in shape)
+
+
+def _assemble(views: tuple[memoryview, ...], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """One tensor from byte views in export order (a copy)."""
+    buf = torch.empty(sum(v.nbytes for v in views), dtype=torch.uint8)
+    off = 0
+    for v in views:
+        buf[off : off + v.nbytes] = torch.frombuffer(v, dtype=torch.uint8)
+        off += v.nbytes
+    return buf.view(dtype).reshape(shape)
+
+
+def _decode_parts(codec: str, buf: torch.Tensor, parts: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                  shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    named, off = {}, 0
+    for name, d, s in parts:
+        n = math.prod(s) * torch.tensor([], dtype=d).element_size()
+        named[name] = buf[off : off + n].view(d).reshape(s)
+        off += n
+    try:
+        return decode(codec, named, shape, dtype)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise KVTransferError(f"KV parts do not decode with {codec}: {e}") from e

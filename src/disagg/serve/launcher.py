@@ -95,7 +95,8 @@ def plan(opts: UpOptions, engine: EngineConfig) -> tuple[list[ProcSpec], ProcSpe
         port = free_port(opts.host)
         env = dict(base_env)
         argv = [sys.executable, "-m", "disagg.cli", "serve", "--role", role, "--host", opts.host, "--port", str(port),
-                "--kv-host", opts.host, "--kv-lease", str(opts.kv_lease), "--kv-transport", opts.kv_transport]
+                "--kv-host", opts.host, "--kv-lease", str(opts.kv_lease), "--kv-transport", opts.kv_transport,
+                "--kv-codec", opts.kv_codec]
         for flag, value in (("--kv-bandwidth", opts.kv_bandwidth), ("--kv-latency", opts.kv_latency)):
             if value:
                 argv += [flag, value]

@@ -16,9 +16,14 @@ ARCHS = ("single", "replicated", "disaggregated", "single-all")
 KV_TRANSPORTS = ("tcp", "shm")
 
 
-def _check_transport(name: str) -> None:
+KV_CODECS = ("none", "fp16", "fp8", "int8", "int4")  # kv/codecs.py's, kept here so the CLI starts without torch
+
+
+def _check_transport(name: str, codec: str) -> None:
     if name not in KV_TRANSPORTS:
         raise ConfigError(f"kv_transport must be one of {', '.join(KV_TRANSPORTS)}, got {name!r}")
+    if codec not in KV_CODECS:
+        raise ConfigError(f"kv_codec must be one of {', '.join(KV_CODECS)}, got {codec!r}")
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class ServeOptions:
     kv_lease: float = field(default=30.0, metadata=_help("seconds a prefill holds KV blocks for a decode worker"))
     kv_transport: str = field(default="tcp", metadata=_help("how decode workers pull this prefill's KV: tcp, or shm "
                                                                "(shared memory, same host)"))
+    kv_codec: str = field(default="none", metadata=_help("decode: ask prefill workers to compress KV on the wire "
+                                                          "(none, fp16, fp8, int8, int4)"))
     kv_bandwidth: str | None = field(default=None, metadata=_help("emulate a link rate for KV sent, e.g. 10gbit"))
     kv_latency: str | None = field(default=None, metadata=_help("emulate a one-way link delay for KV sent, e.g. 20us"))
     cpus: str | None = field(default=None, metadata=_help("pin to these CPU cores, e.g. 0,1 or 2-3 (threads default "
@@ -50,7 +57,7 @@ class ServeOptions:
             raise ConfigError(f"kv_lease must be > 0 seconds, got {self.kv_lease}")
         self.cpu_list()
         self.link()
-        _check_transport(self.kv_transport)
+        _check_transport(self.kv_transport, self.kv_codec)
 
     def link(self) -> Link:
         return Link.parse(self.kv_bandwidth, self.kv_latency)
@@ -111,6 +118,7 @@ class UpOptions:
     stream_first_token: bool = field(default=True, metadata=_help("disaggregated: stream token 1 from prefill"))
     kv_lease: float = field(default=30.0, metadata=_help("seconds a prefill worker holds KV for decode"))
     kv_transport: str = field(default="tcp", metadata=_help("tcp, or shm (shared memory between the workers)"))
+    kv_codec: str = field(default="none", metadata=_help("KV wire codec: none, fp16, fp8, int8 or int4"))
     kv_bandwidth: str | None = field(default=None, metadata=_help("emulated KV link rate, e.g. 10gbit"))
     kv_latency: str | None = field(default=None, metadata=_help("emulated KV link one-way delay, e.g. 20us"))
     startup_timeout: float = field(default=300.0, metadata=_help("seconds to wait for every worker's /health"))
@@ -122,7 +130,7 @@ class UpOptions:
         if self.budget < 1:
             raise ConfigError(f"budget must be at least 1 unit, got {self.budget}")
         Link.parse(self.kv_bandwidth, self.kv_latency)
-        _check_transport(self.kv_transport)
+        _check_transport(self.kv_transport, self.kv_codec)
         if self.arch != "disaggregated" and (self.prefill or self.decode):
             raise ConfigError("--prefill and --decode apply to --arch disaggregated only")
         if self.arch == "disaggregated":

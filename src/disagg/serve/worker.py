@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -182,13 +181,15 @@ class Worker:
             return {"first_token_ids": first}
         rid = seq.request_id
         views = None
-        if kvp.kv_dtype and kvp.num_tokens:
+        codec = self.opts.kv_codec
+        if kvp.kv_dtype and kvp.num_tokens and codec == "none":  # coded KV must be decoded: not in place
             views = await engine.call(lambda e: e.reserve_kv(seq, kvp.num_tokens, kvp.kv_dtype))
         try:
             payload = await self.kv_client.pull(kvp.remote_host, kvp.remote_port, kvp.remote_request_id,
                                                 engine.engine.kv_cache.export_shape(-1),
                                                 into=(lambda shape, dtype: views) if views is not None else None,
-                                                shm=kvp.kv_transport == "shm" and is_loopback(kvp.remote_host))
+                                                shm=kvp.kv_transport == "shm" and is_loopback(kvp.remote_host),
+                                                codec=codec)
             if payload.digest != tokens_digest(seq.token_ids[: payload.num_tokens]):
                 raise KVTransferError(f"KV from {kvp.remote_host} was computed from other tokens than this prompt")
         except KVTransferError as e:
@@ -197,7 +198,7 @@ class Worker:
             self.metrics.kv_pull_failures.inc()
             log.warning("%s; recomputing the prompt instead", e)
             return {"first_token_ids": first}
-        self.metrics.kv_bytes_received.inc(math.prod(payload.shape) * payload.dtype.itemsize)
+        self.metrics.kv_bytes_received.inc(payload.wire_bytes)
         return {"kv": ImportedKV(payload.data, payload.num_tokens, payload.digest), "first_token_ids": first}
 
     async def _sse(self, fmt: _Formatter, first: RequestOutput, stream: AsyncIterator[RequestOutput], t0: float,
