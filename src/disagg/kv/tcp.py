@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import math
-import mmap
 import os
-import re
 import secrets
 import socket
-import struct
 import threading
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,17 +38,13 @@ import msgpack
 import torch
 
 from disagg.kv.codecs import CODECS, decode, encode
+from disagg.kv.framing import CHUNK, KVTransferError, challenge_mac, read_frame, recv_exact, send_frame
 from disagg.kv.netem import Link
+from disagg.kv.shm import SHM_NAME, SegmentPool, SegmentReader
 
-MAX_FRAME = 1 << 20  # metadata frames are small; refuse anything bigger
 MAX_PAYLOAD = 64 << 30
-CHUNK = 1 << 20  # checksummed and paced in pieces this big
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PART_DTYPES = DTYPES | {"int8": torch.int8, "uint8": torch.uint8, "float8_e4m3fn": torch.float8_e4m3fn}
-
-
-class KVTransferError(RuntimeError):
-    """A pull failed: refused, unauthenticated, corrupt or timed out."""
 
 
 @dataclass(frozen=True)
@@ -81,151 +73,10 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:], len(view) - got)
-        if n == 0:
-            raise ConnectionError("peer closed the connection")
-        got += n
-
-
-def _read_frame(sock: socket.socket) -> dict[str, Any]:
-    head = bytearray(4)
-    _recv_exact(sock, memoryview(head))
-    (n,) = struct.unpack(">I", head)
-    if n > MAX_FRAME:
-        raise KVTransferError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
-    body = bytearray(n)
-    _recv_exact(sock, memoryview(body))
-    obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
-    if not isinstance(obj, dict):
-        raise KVTransferError("frame is not a map")
-    return obj
-
-
-def _send_frame(sock: socket.socket, obj: dict[str, Any]) -> None:
-    body = msgpack.packb(obj, use_bin_type=True)
-    sock.sendall(struct.pack(">I", len(body)) + body)
-
-
-def _mac(secret: str, nonce: str) -> str:
-    return hmac.new(secret.encode(), bytes.fromhex(nonce), hashlib.sha256).hexdigest()
-
-
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of `t` (moved to the CPU and made contiguous only if it is not already)."""
     flat = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
     return memoryview(flat.numpy())
-
-
-SHM_DIR = "/dev/shm"
-SHM_NAME = re.compile(r"disagg-kv-[0-9a-f]{32}")
-
-
-class SharedSegment:
-    """A file in /dev/shm, readable by this user only, mapped once and reused for many transfers
-    (fresh tmpfs pages cost a page fault each, which would make every transfer pay for memory)."""
-
-    def __init__(self, size: int) -> None:
-        self.name = f"disagg-kv-{secrets.token_hex(16)}"
-        self.size = size
-        fd = os.open(os.path.join(SHM_DIR, self.name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            self.mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-
-    def fill(self, views: tuple[memoryview, ...] | list[memoryview]) -> int:
-        """Copy the views in, in order; returns their CRC32, computed as they pass."""
-        crc, off = 0, 0
-        dst = memoryview(self.mm)
-        try:
-            for view in views:
-                for lo in range(0, view.nbytes, CHUNK):
-                    chunk = view[lo : lo + CHUNK]
-                    dst[off : off + chunk.nbytes] = chunk
-                    crc = zlib.crc32(chunk, crc)
-                    off += chunk.nbytes
-        finally:
-            dst.release()
-        return crc
-
-    def close(self) -> None:
-        self.mm.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(SHM_DIR, self.name))
-
-
-class SegmentPool:
-    """The server's segments: one is lent to each shared-memory transfer and returned when the
-    reader is done with it."""
-
-    def __init__(self, max_idle: int = 4) -> None:
-        self._idle: list[SharedSegment] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        self.max_idle = max_idle
-
-    @contextlib.contextmanager
-    def lend(self, size: int) -> Iterator[SharedSegment]:
-        with self._lock:
-            fits = [s for s in self._idle if s.size >= size]
-            seg = min(fits, key=lambda s: s.size) if fits else None
-            if seg is not None:
-                self._idle.remove(seg)
-        seg = seg or SharedSegment(max(size, 1))
-        try:
-            yield seg
-        finally:
-            with self._lock:
-                self._idle.append(seg)
-                while len(self._idle) > (0 if self._closed else self.max_idle):
-                    self._idle.pop(0).close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            for seg in self._idle:
-                seg.close()
-            self._idle.clear()
-
-
-class SegmentReader:
-    """The client's mappings of servers' segments, kept open across transfers."""
-
-    def __init__(self, max_open: int = 8) -> None:
-        self._maps: dict[str, mmap.mmap] = {}
-        self._lock = threading.Lock()
-        self.max_open = max_open
-
-    def read_into(self, name: str, views: list[memoryview]) -> int:
-        with self._lock:
-            mm = self._maps.get(name)
-            if mm is None:
-                fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
-                try:
-                    mm = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
-                finally:
-                    os.close(fd)
-                self._maps[name] = mm
-                while len(self._maps) > self.max_open:
-                    self._maps.pop(next(iter(self._maps))).close()
-            src = memoryview(mm)
-            try:
-                crc, off = 0, 0
-                for view in views:
-                    if off + view.nbytes > len(src):
-                        raise KVTransferError("shared-memory segment is shorter than its header says")
-                    for lo in range(0, view.nbytes, CHUNK):
-                        chunk = view[lo : lo + CHUNK]
-                        chunk[:] = src[off : off + chunk.nbytes]
-                        crc = zlib.crc32(chunk, crc)
-                        off += chunk.nbytes
-                return crc
-            finally:
-                src.release()
 
 
 class KVServer:
@@ -276,29 +127,29 @@ class KVServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 nonce = secrets.token_hex(16) if self._secret else None
-                _send_frame(conn, {"challenge": nonce})
+                send_frame(conn, {"challenge": nonce})
                 if nonce is not None:
-                    msg = _read_frame(conn)
-                    mac = msg.get("mac")
-                    if msg.get("op") != "auth" or not isinstance(mac, str) or not hmac.compare_digest(
-                            mac, _mac(self._secret, nonce)):
-                        _send_frame(conn, {"ok": False, "error": "authentication failed"})
+                    msg = read_frame(conn)
+                    answer = msg.get("mac")
+                    if msg.get("op") != "auth" or not isinstance(answer, str) or not hmac.compare_digest(
+                            answer, challenge_mac(self._secret, nonce)):
+                        send_frame(conn, {"ok": False, "error": "authentication failed"})
                         return
                 while True:
-                    msg = _read_frame(conn)
+                    msg = read_frame(conn)
                     op, rid = msg.get("op"), msg.get("request_id")
                     if not isinstance(rid, str) or len(rid) > 256:
-                        _send_frame(conn, {"ok": False, "error": "request_id must be a string"})
+                        send_frame(conn, {"ok": False, "error": "request_id must be a string"})
                     elif op == "pull":
                         codec = msg.get("codec", "none")
                         if codec not in CODECS:
-                            _send_frame(conn, {"ok": False, "error": f"unknown codec {codec!r}"})
+                            send_frame(conn, {"ok": False, "error": f"unknown codec {codec!r}"})
                         else:
                             self._send(conn, rid, via_shm=msg.get("via") == "shm", codec=codec)
                     elif op == "release":
-                        _send_frame(conn, {"ok": bool(self._call(self._release(rid)))})
+                        send_frame(conn, {"ok": bool(self._call(self._release(rid)))})
                     else:
-                        _send_frame(conn, {"ok": False, "error": f"unknown op {op!r}"})
+                        send_frame(conn, {"ok": False, "error": f"unknown op {op!r}"})
             except (OSError, ConnectionError, KVTransferError, msgpack.UnpackException, ValueError):
                 return
 
@@ -306,7 +157,7 @@ class KVServer:
         try:
             payload = self._call(self._export(rid))
         except Exception as e:
-            _send_frame(conn, {"ok": False, "error": str(e)})
+            send_frame(conn, {"ok": False, "error": str(e)})
             return
         views, shape, dtype = payload.wire()
         parts_meta = None
@@ -320,18 +171,18 @@ class KVServer:
         if via_shm:
             with self._segments.lend(nbytes) as seg:
                 crc = seg.fill(views)
-                _send_frame(conn, head | {"shm": seg.name, "crc32": crc})
-                _read_frame(conn)  # the reader says when it is done; the segment goes with this block
+                send_frame(conn, head | {"shm": seg.name, "crc32": crc})
+                read_frame(conn)  # the reader says when it is done; the segment goes with this block
             self._on_sent(nbytes)
             return
-        _send_frame(conn, head)
+        send_frame(conn, head)
         crc = 0
         for view in views:
             for off in range(0, view.nbytes, CHUNK):
                 chunk = view[off : off + CHUNK]
                 crc = zlib.crc32(chunk, crc)
                 self.link.send_blocking(conn, chunk)
-        _send_frame(conn, {"crc32": crc})
+        send_frame(conn, {"crc32": crc})
         self._on_sent(nbytes)
 
 
@@ -366,9 +217,9 @@ class KVClient:
             raise KVTransferError(f"shared memory needs both workers on one host, not {host}")
 
         def pull(sock: socket.socket) -> KVPayload:
-            _send_frame(sock, {"op": "pull", "request_id": request_id, "via": "shm" if shm else "tcp",
+            send_frame(sock, {"op": "pull", "request_id": request_id, "via": "shm" if shm else "tcp",
                                "codec": codec})
-            head = _read_frame(sock)
+            head = read_frame(sock)
             if not head.get("ok"):
                 raise KVTransferError(f"KV server refused: {head.get('error')}")
             shape, dtype, parts = self._check(head, expected, codec)
@@ -386,16 +237,16 @@ class KVClient:
                 try:
                     crc = self._segments.read_into(name, views)
                 finally:
-                    _send_frame(sock, {"op": "shm_done"})
+                    send_frame(sock, {"op": "shm_done"})
                 expected_crc = head.get("crc32")
             else:
                 crc = 0
                 for view in views:
                     for off in range(0, view.nbytes, CHUNK):
                         chunk = view[off : off + CHUNK]
-                        _recv_exact(sock, chunk)
+                        recv_exact(sock, chunk)
                         crc = zlib.crc32(chunk, crc)
-                expected_crc = _read_frame(sock).get("crc32")
+                expected_crc = read_frame(sock).get("crc32")
             if expected_crc != crc:
                 raise KVTransferError("KV payload checksum mismatch")
             if release:
@@ -410,18 +261,18 @@ class KVClient:
         return self._session(host, port, pull)
 
     def _release(self, sock: socket.socket, request_id: str) -> bool:
-        _send_frame(sock, {"op": "release", "request_id": request_id})
-        return bool(_read_frame(sock).get("ok"))
+        send_frame(sock, {"op": "release", "request_id": request_id})
+        return bool(read_frame(sock).get("ok"))
 
     def _session(self, host: str, port: int, work: Callable[[socket.socket], Any]) -> Any:
         try:
             with socket.create_connection((host, port), timeout=self.timeout) as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                hello = _read_frame(sock)
+                hello = read_frame(sock)
                 if hello.get("challenge"):
                     if not self._secret:
                         raise KVTransferError("the KV server wants a secret: set DISAGG_KV_SECRET")
-                    _send_frame(sock, {"op": "auth", "mac": _mac(self._secret, str(hello["challenge"]))})
+                    send_frame(sock, {"op": "auth", "mac": challenge_mac(self._secret, str(hello["challenge"]))})
                 return work(sock)
         except (OSError, ConnectionError, msgpack.UnpackException, ValueError) as e:
             raise KVTransferError(f"KV transfer with {host}:{port} failed: {e!r}") from e

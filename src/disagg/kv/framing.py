@@ -1,0 +1,51 @@
+"""Wire primitives shared by the KV transports: length-prefixed msgpack frames, exact receives,
+the HMAC used for the challenge, and the error every transfer failure becomes. Never pickle."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+import struct
+from typing import Any
+
+import msgpack
+
+MAX_FRAME = 1 << 20  # metadata frames are small; refuse anything bigger
+CHUNK = 1 << 20  # checksummed and paced in pieces this big
+
+
+class KVTransferError(RuntimeError):
+    """A pull failed: refused, unauthenticated, corrupt or timed out."""
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:], len(view) - got)
+        if n == 0:
+            raise ConnectionError("peer closed the connection")
+        got += n
+
+
+def read_frame(sock: socket.socket) -> dict[str, Any]:
+    head = bytearray(4)
+    recv_exact(sock, memoryview(head))
+    (n,) = struct.unpack(">I", head)
+    if n > MAX_FRAME:
+        raise KVTransferError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+    body = bytearray(n)
+    recv_exact(sock, memoryview(body))
+    obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    if not isinstance(obj, dict):
+        raise KVTransferError("frame is not a map")
+    return obj
+
+
+def send_frame(sock: socket.socket, obj: dict[str, Any]) -> None:
+    body = msgpack.packb(obj, use_bin_type=True)
+    sock.sendall(struct.pack(">I", len(body)) + body)
+
+
+def challenge_mac(secret: str, nonce: str) -> str:
+    return hmac.new(secret.encode(), bytes.fromhex(nonce), hashlib.sha256).hexdigest()
