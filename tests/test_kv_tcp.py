@@ -115,7 +115,7 @@ def test_codecs_on_the_wire_shrink_the_bytes_and_decode_close(codec):
     sent = []
 
     async def main():
-        data = torch.randn(2, 2, 1, 3, 16, 4)
+        data = torch.randn(2, 2, 1, 3, 16, 64, generator=torch.Generator().manual_seed(0))
         held = {"r1": KVPayload(data, 40)}
 
         async def export(rid):
@@ -135,7 +135,7 @@ def test_codecs_on_the_wire_shrink_the_bytes_and_decode_close(codec):
     assert torch.equal(plain.data, data)
     assert got.data.shape == data.shape
     assert got.data.dtype == data.dtype
-    limit = {"fp16": 0.55, "int8": 0.5, "int4": 0.4}[codec]  # of the fp32 bytes, scales included
+    limit = {"fp16": 0.55, "int8": 0.3, "int4": 0.2}[codec]  # of the fp32 bytes, scales included
     assert sent[0] <= limit * sent[1]
     rel = ((got.data - data).norm() / data.norm()).item()
     assert rel < {"fp16": 1e-3, "int8": 0.02, "int4": 0.2}[codec]
