@@ -219,3 +219,16 @@ def test_reserved_blocks_are_freed_when_the_transfer_is_abandoned(smol):
     assert decode.reserve_kv(decode.make_sequence("x", prompts()[4], GREEDY), 5, "bfloat16") is None  # dtype
     decode.unreserve("dec")
     assert decode.block_manager.num_used_blocks == 0
+
+
+def test_block_views_are_the_export_bytes_in_order(smol):
+    from disagg.kv.tcp import tensor_bytes
+
+    smol.add_request("v", prompts()[5], SamplingParams(max_tokens=1, temperature=0), hold_blocks=True)
+    _drain(smol)
+    views, shape, _, _, _ = smol.kv_views("v")
+    exported = smol.export_kv("v")
+    assert tuple(exported.data.shape) == shape
+    # a sender from views and a receiver into a tensor (or the reverse) must agree byte for byte
+    assert b"".join(bytes(v) for v in views) == bytes(tensor_bytes(exported.data))
+    assert smol.release("v")

@@ -88,7 +88,7 @@ def test_shared_memory_pull_is_exact_and_leaves_no_segment():
     import os
 
     async def main():
-        data = torch.randn(2, 2, 1, 3, 16, 4)
+        data = torch.randn(2, 2, 2, 64, 16, 64)  # 2 MiB: more than one chunk
         server, port, _, _ = await _serve(data=data)
         client = KVClient(secret="")
         got = await client.pull("127.0.0.1", port, "r1", shm=True, release=False)
