@@ -9,6 +9,7 @@ kv_transfer_params (the two-phase protocol) and our own first_token_ids inside i
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -169,3 +170,29 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 def now() -> int:
     return int(time.time())
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    """One server-sent event carrying `obj` as compact JSON."""
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+def stream_chunk(rid: str, created: int, model: str | None, chat: bool, text: str, *, role: bool = False,
+                 finish_reason: str | None = None, stop_reason: int | str | None = None,
+                 logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A streamed completion (or chat completion, with `role` on its first delta) chunk."""
+    base = {"id": rid, "created": created, "model": model}
+    tail = {"logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason}
+    if chat:
+        delta = {"role": "assistant", "content": text} if role else {"content": text}
+        return base | {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta} | tail]}
+    return base | {"object": "text_completion", "choices": [{"index": 0, "text": text} | tail]}
+
+
+def usage_chunk(rid: str, created: int, model: str | None, chat: bool, usage_body: Any) -> dict[str, Any]:
+    """The last chunk of a stream with stream_options.include_usage: no choices, the usage."""
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [], "usage": usage_body}

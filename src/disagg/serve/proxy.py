@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from disagg.kv.tcp import KVClient, KVTransferError
 from disagg.serve.options import ProxyOptions
-from disagg.serve.protocol import error_body, new_id, now
+from disagg.serve.protocol import SSE_DONE, error_body, new_id, now, sse, stream_chunk, usage_chunk
 from disagg.serve.routing import RoundRobin, RoutingPolicy, WorkerHealth
 
 log = logging.getLogger("disagg.proxy")
@@ -38,10 +38,6 @@ class UpstreamError(Exception):
     def __init__(self, status: int, body: dict[str, Any]) -> None:
         super().__init__(body.get("error", {}).get("message", "upstream error"))
         self.status, self.body = status, body
-
-
-def _sse(obj: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
 class Proxy:
@@ -102,8 +98,8 @@ class Proxy:
                 yield chunk
         except httpx.HTTPError as e:
             log.warning("worker %s failed mid-stream: %r", url, e)
-            yield _sse(error_body(f"worker {url} failed mid-stream: {e!r}", "bad_gateway", 502))
-            yield b"data: [DONE]\n\n"
+            yield sse(error_body(f"worker {url} failed mid-stream: {e!r}", "bad_gateway", 502))
+            yield SSE_DONE
         finally:
             await resp.aclose()
             self.policy.on_complete(url, body)
@@ -170,13 +166,13 @@ class Proxy:
 
     async def _first_then_decode(self, path: str, dec_body: dict[str, Any], kvp: dict[str, Any],
                                  first: dict[str, Any]) -> AsyncIterator[bytes]:
-        yield _sse(first)
+        yield sse(first)
         try:
             decode_url, dresp = await self._open("decode", path, dec_body, stream=True)
         except UpstreamError as e:
             await self._release(kvp)
-            yield _sse(e.body)
-            yield b"data: [DONE]\n\n"
+            yield sse(e.body)
+            yield SSE_DONE
             return
         async for chunk in self._passthrough(decode_url, dresp, dec_body):
             yield chunk
@@ -190,11 +186,10 @@ class Proxy:
             return JSONResponse(pre)
         chunk = _first_chunk(pre, _choice_text(pre, chat), chat)
         chunk["choices"][0]["finish_reason"] = pre["choices"][0].get("finish_reason")
-        parts = [_sse(chunk)]
+        parts = [sse(chunk)]
         if (body.get("stream_options") or {}).get("include_usage"):
-            parts.append(_sse({k: v for k, v in chunk.items() if k != "choices"} | {"choices": [],
-                                                                                 "usage": pre.get("usage")}))
-        parts.append(b"data: [DONE]\n\n")
+            parts.append(sse(usage_chunk(chunk["id"], chunk["created"], chunk["model"], chat, pre.get("usage"))))
+        parts.append(SSE_DONE)
         return Response(b"".join(parts), media_type="text/event-stream")
 
 
@@ -204,12 +199,8 @@ def _choice_text(resp: dict[str, Any], chat: bool) -> str:
 
 
 def _first_chunk(pre: dict[str, Any], text: str, chat: bool) -> dict[str, Any]:
-    base = {"id": pre.get("id", new_id("cmpl")), "created": pre.get("created", now()), "model": pre.get("model")}
-    if chat:
-        return base | {"object": "chat.completion.chunk", "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": None}]}
-    return base | {"object": "text_completion", "choices": [
-        {"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
+    return stream_chunk(pre.get("id", new_id("cmpl")), pre.get("created", now()), pre.get("model"), chat, text,
+                        role=True)
 
 
 def _prepend_text(answer: dict[str, Any], text: str, chat: bool) -> None:

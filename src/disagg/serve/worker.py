@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -39,7 +38,18 @@ from disagg.kv.block_hash import tokens_digest
 from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError, is_loopback
 from disagg.serve.metrics import WorkerMetrics
 from disagg.serve.options import ServeOptions
-from disagg.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage
+from disagg.serve.protocol import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    new_id,
+    now,
+    sse,
+    stream_chunk,
+    usage,
+    usage_chunk,
+)
 
 log = logging.getLogger("disagg.worker")
 
@@ -163,7 +173,7 @@ class Worker:
         self.leases[rid] = time.monotonic() + self.opts.kv_lease
         return {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
                 "remote_host": self.opts.kv_host, "remote_port": self.kv_port, "remote_block_ids": blocks,
-                "remote_request_id": rid, "num_tokens": n, "kv_dtype": str(engine.engine.dtype).removeprefix("torch."),
+                "remote_request_id": rid, "num_tokens": n, "kv_dtype": engine.engine.dtype_name,
                 "kv_transport": self.opts.kv_transport,
                 "first_token_ids": [t for o in outs for t in o.new_token_ids]}
 
@@ -202,23 +212,21 @@ class Worker:
         return {"kv": ImportedKV(payload.data, payload.num_tokens, payload.digest), "first_token_ids": first}
 
     async def _sse(self, fmt: _Formatter, first: RequestOutput, stream: AsyncIterator[RequestOutput], t0: float,
-                   include_usage: bool) -> AsyncIterator[str]:
+                   include_usage: bool) -> AsyncIterator[bytes]:
         last = first
         try:
             async with contextlib.aclosing(stream):
-                for chunk in fmt.chunks(first):
-                    yield _sse(chunk)
+                yield sse(fmt.chunk(first))
                 async for out in stream:
                     last = out
-                    for chunk in fmt.chunks(out):
-                        yield _sse(chunk)
+                    yield sse(fmt.chunk(out))
             self._record(last, t0, fmt.first_time)
             if include_usage:
-                yield _sse(fmt.usage_chunk(last))
+                yield sse(fmt.usage_chunk(last))
         except EngineDeadError as e:
             self.metrics.errors.labels("503").inc()
-            yield _sse(error_body(str(e), "engine_dead", 503))
-        yield "data: [DONE]\n\n"
+            yield sse(error_body(str(e), "engine_dead", 503))
+        yield SSE_DONE
 
     def _record(self, last: RequestOutput, t0: float, first_time: float | None) -> None:
         m = self.metrics
@@ -234,10 +242,6 @@ class Worker:
 class EngineNotReady(DisaggError):
     http_status = 503
     error_type = "service_unavailable"
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 class _Formatter:
@@ -264,26 +268,18 @@ class _Formatter:
         return {"tokens": [piece([lp.token_id]) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
                 "top_logprobs": [{piece([t]): v for t, v in lp.top} for lp in lps], "text_offset": []}
 
-    def chunks(self, out: RequestOutput) -> list[dict[str, Any]]:
+    def chunk(self, out: RequestOutput) -> dict[str, Any]:
         if self.first_time is None:
             self.first_time = time.perf_counter()
-        base = {"id": self.rid, "created": self.created, "model": self.model}
-        if not self.chat:
-            return [base | {"object": "text_completion", "choices": [{
-                "index": 0, "text": out.new_text, "logprobs": self._logprobs(out.new_logprobs),
-                "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]}]
-        delta: dict[str, Any] = {"content": out.new_text}
-        if not self._role_sent:
-            delta = {"role": "assistant"} | delta
-            self._role_sent = True
-        return [base | {"object": "chat.completion.chunk", "choices": [{
-            "index": 0, "delta": delta, "logprobs": self._logprobs(out.new_logprobs),
-            "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}]}]
+        role = self.chat and not self._role_sent
+        self._role_sent = True
+        return stream_chunk(self.rid, self.created, self.model, self.chat, out.new_text, role=role,
+                            finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                            logprobs=self._logprobs(out.new_logprobs))
 
     def usage_chunk(self, last: RequestOutput) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": [],
-                "usage": usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)}
+        return usage_chunk(self.rid, self.created, self.model, self.chat,
+                           usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens))
 
     def whole(self, outs: list[RequestOutput], kv_transfer_params: dict[str, Any] | None) -> dict[str, Any]:
         if self.first_time is None:
