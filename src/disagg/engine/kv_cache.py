@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from disagg.kv.layout import kv_bytes_per_token
 from disagg.model.config import ModelConfig
 
 BLOCK_DIM = 3  # the block axis of an export
@@ -26,8 +27,7 @@ class PagedKVCache:
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.tensor([], dtype=dtype).element_size()
-        return 2 * config.num_layers * config.num_kv_heads * config.head_dim * block_size * elem
+        return kv_bytes_per_token(config, str(dtype)) * block_size
 
     def export_shape(self, num_blocks: int) -> tuple[int, ...]:
         _, heads, _, bs, dim = self.layers[0].shape

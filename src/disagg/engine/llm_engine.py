@@ -184,7 +184,7 @@ class LLMEngine:
         export order, for a transport to receive into; then `add_request(seq, kv=ImportedKV(None,
         num_tokens, digest))`, or `unreserve` if the transfer fails. None when the cache is not on
         the CPU, the dtype differs, or blocks are short (the caller then imports a copy)."""
-        if (self.device.type != "cpu" or dtype != str(self.dtype).removeprefix("torch.")
+        if (self.device.type != "cpu" or dtype != self.dtype_name
                 or not 0 < num_tokens <= seq.num_prompt_tokens or seq.block_table
                 or not self.block_manager.can_allocate(seq, num_tokens)):
             return None
@@ -213,14 +213,24 @@ class LLMEngine:
         """Free the blocks a finished `hold_blocks` request kept for export."""
         return self.scheduler.release(request_id)
 
+    @property
+    def dtype_name(self) -> str:
+        """The KV cache's dtype as the wire names it: float32, float16, bfloat16."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @staticmethod
+    def _computed(seq: Sequence, block_size: int) -> tuple[list[int], int, str]:
+        """The blocks holding `seq`'s computed KV, how many tokens that is, and their digest."""
+        n = seq.num_computed_tokens
+        return seq.block_table[: -(-n // block_size)], n, tokens_digest(seq.token_ids[:n])
+
     def export_kv(self, request_id: str) -> ImportedKV:
         """Copy of the computed KV of a running or held request."""
         seq = self.scheduler.held.get(request_id) or self._requests.get(request_id, (None,))[0]
         if seq is None or not seq.block_table:
             raise InvalidRequestError(f"request {request_id!r} holds no KV blocks")
-        n = seq.num_computed_tokens
-        blocks = seq.block_table[: -(-n // self.config.block_size)]
-        return ImportedKV(self.kv_cache.read_blocks(blocks), n, tokens_digest(seq.token_ids[:n]))
+        blocks, n, digest = self._computed(seq, self.config.block_size)
+        return ImportedKV(self.kv_cache.read_blocks(blocks), n, digest)
 
     def kv_views(self, request_id: str) -> tuple[list[memoryview], tuple[int, ...], str, int, str] | None:
         """A held request's KV as byte views of the cache itself (views, export shape, dtype name,
@@ -228,10 +238,9 @@ class LLMEngine:
         seq = self.scheduler.held.get(request_id)
         if seq is None or self.device.type != "cpu":
             return None
-        n = seq.num_computed_tokens
-        blocks = seq.block_table[: -(-n // self.config.block_size)]
-        return (self.kv_cache.block_views(blocks), self.kv_cache.export_shape(len(blocks)),
-                str(self.dtype).removeprefix("torch."), n, tokens_digest(seq.token_ids[:n]))
+        blocks, n, digest = self._computed(seq, self.config.block_size)
+        return (self.kv_cache.block_views(blocks), self.kv_cache.export_shape(len(blocks)), self.dtype_name, n,
+                digest)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._ready)

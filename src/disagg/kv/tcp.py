@@ -293,9 +293,9 @@ class KVClient:
                         and meta[1] in PART_DTYPES and _is_shape(meta[2], allow_zero=True)):
                     raise KVTransferError("malformed KV part")
                 parts.append((meta[0], PART_DTYPES[meta[1]], tuple(meta[2])))
-            wire = sum(math.prod(s) * torch.tensor([], dtype=d).element_size() for _, d, s in parts)
+            wire = sum(math.prod(s) * d.itemsize for _, d, s in parts)
         else:
-            wire = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+            wire = math.prod(shape) * dtype.itemsize
         if nbytes != wire or nbytes > MAX_PAYLOAD:
             raise KVTransferError("KV header size does not match its shape")
         if expected is not None and (len(shape) != len(expected) or any(
@@ -323,7 +323,7 @@ def _decode_parts(codec: str, buf: torch.Tensor, parts: list[tuple[str, torch.dt
                   shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     named, off = {}, 0
     for name, d, s in parts:
-        n = math.prod(s) * torch.tensor([], dtype=d).element_size()
+        n = math.prod(s) * d.itemsize
         named[name] = buf[off : off + n].view(d).reshape(s)
         off += n
     try:

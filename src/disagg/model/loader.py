@@ -100,7 +100,7 @@ def hf_state_to_ours(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
 def load_model(source: ModelSource, *, dtype: torch.dtype, device: torch.device, max_positions: int,
                seed: int = 0) -> LlamaModel:
     config = source.config
-    need = config.num_params() * torch.tensor([], dtype=dtype).element_size()
+    need = config.num_params() * dtype.itemsize
     if device.type == "cpu" and need > 0.8 * _physical_memory():
         raise ConfigError(f"model {config.name} needs {format_bytes(need)} of weights in {dtype}, more than this "
                           f"machine's {format_bytes(_physical_memory())}; use it for size math or pick a smaller model")
