@@ -37,10 +37,16 @@ class ClusterError(DisaggError):
 @dataclass(frozen=True)
 class ProcSpec:
     name: str
+    role: str  # both, prefill, decode or proxy
     argv: list[str]
+    host: str
     port: int
     env: dict[str, str]
     units: str = ""  # e.g. "cpu 0,1" or "gpu 2"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -105,20 +111,19 @@ def plan(opts: UpOptions, engine: EngineConfig) -> tuple[list[ProcSpec], ProcSpe
             env[env_name("threads")] = str(engine.threads or len(group))
         else:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, group))
-        workers.append(ProcSpec(f"{role}-{i}", argv, port, env, f"{kind} {','.join(map(str, group))}"))
-    urls = {w.name: f"http://{opts.host}:{w.port}" for w in workers}
+        workers.append(ProcSpec(f"{role}-{i}", role, argv, opts.host, port, env, f"{kind} {','.join(map(str, group))}"))
     proxy_argv = [sys.executable, "-m", "disagg.cli", "proxy", "--host", opts.host, "--port", str(opts.port)]
     if opts.arch == "disaggregated":
         proxy_argv += ["--mode", "disaggregated"]
         for w in workers:
-            proxy_argv += [f"--{w.name.split('-')[0]}", urls[w.name]]
+            proxy_argv += [f"--{w.role}", w.url]
         proxy_argv += ["--stream-first-token" if opts.stream_first_token else "--no-stream-first-token"]
     else:
         proxy_argv += ["--mode", "single" if len(workers) == 1 else "replicated"]
         for w in workers:
-            proxy_argv += ["--worker", urls[w.name]]
+            proxy_argv += ["--worker", w.url]
     usage = ", ".join(f"{w.name} on {w.units}" for w in workers)
-    return workers, ProcSpec("proxy", proxy_argv, opts.port, base_env), usage
+    return workers, ProcSpec("proxy", "proxy", proxy_argv, opts.host, opts.port, base_env), usage
 
 
 def _die_with_parent() -> None:
@@ -138,10 +143,10 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        return f"http://{self.opts.host}:{self.opts.port}"
+        return self.proxy_spec.url
 
     def worker_urls(self) -> dict[str, str]:
-        return {w.name: f"http://{self.opts.host}:{w.port}" for w in self.workers}
+        return {w.name: w.url for w in self.workers}
 
     def _spawn(self, spec: ProcSpec) -> None:
         log = open(self.log_dir / f"{spec.name}.log", "wb")  # noqa: SIM115 - owned by the child for its life
@@ -150,7 +155,7 @@ class Cluster:
         log.close()
 
     def _wait_healthy(self, specs: list[ProcSpec], deadline: float) -> None:
-        pending = {s.name: f"http://{self.opts.host}:{s.port}/health" for s in specs}
+        pending = {s.name: s.url + "/health" for s in specs}
         with httpx.Client(timeout=2.0) as client:
             while pending:
                 for name, url in list(pending.items()):
