@@ -94,6 +94,7 @@ def test_chat_streaming_with_usage(cluster):
                                                                 "France?"}], max_tokens=30, temperature=0,
                                         stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"  # OpenAI streams open with the role
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "Paris" in text
     assert chunks[-1].usage is not None
