@@ -149,3 +149,27 @@ def test_an_unknown_codec_is_refused():
         await server.close()
 
     run(main())
+
+
+def test_pulls_reuse_one_connection_and_survive_a_server_restart():
+    async def main():
+        data = torch.randn(2, 2, 1, 3, 16, 4)
+        server, port, held, _ = await _serve(data=data)
+        client = KVClient(secret="")
+        await client.pull("127.0.0.1", port, "r1", release=False)
+        (first,) = client._idle[("127.0.0.1", port)]
+        got = await client.pull("127.0.0.1", port, "r1", release=False)
+        (second,) = client._idle[("127.0.0.1", port)]
+        await server.close()  # the kept connection is now dead
+        server2 = KVServer(server._export, server._release)
+        assert await server2.start("127.0.0.1", port) == port
+        again = await client.pull("127.0.0.1", port, "r1")
+        (third,) = client._idle[("127.0.0.1", port)]
+        await server2.close()
+        client.close()
+        return first, second, third, got, again, data
+
+    first, second, third, got, again, data = run(main())
+    assert first is second, "the second pull opened a new connection"
+    assert third is not first, "a dead connection was reused"
+    assert torch.equal(got.data, data) and torch.equal(again.data, data)

@@ -37,3 +37,37 @@ def test_transfer_bench_reports_every_size_and_an_emulated_link_is_never_faster_
 def test_unbuilt_transports_are_a_clear_error():
     with pytest.raises(ConfigError, match="not built yet"):
         run(TransferBenchOptions(transport="nixl"))
+
+
+class _Clock:
+    """Virtual time for the pacer: sleeping advances it, sends are free."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.now += s
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def sendall(self, data) -> None:
+        self.sent += len(data)
+
+
+def test_a_transfer_pays_the_delay_once_and_the_rate_over_all_its_pieces(monkeypatch):
+    import disagg.kv.netem as netem
+
+    clock = _Clock()
+    monkeypatch.setattr(netem.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(netem.time, "sleep", clock.sleep)
+    pacer, sink = Link.parse("1gbit", "10ms").pacer(), _Sink()
+    for _ in range(64):  # 64 pieces of 1 MiB, as the transports send them
+        pacer.send(sink, memoryview(bytes(2**20)))
+    assert sink.sent == 64 * 2**20
+    assert clock.now == pytest.approx(0.010 + 64 * 2**20 * 8 / 1e9)

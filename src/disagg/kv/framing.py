@@ -1,5 +1,9 @@
 """Wire primitives shared by the KV transports: length-prefixed msgpack frames, exact receives,
-the HMAC used for the challenge, and the error every transfer failure becomes. Never pickle."""
+the payload checksum, the HMAC used for the challenge, and the error every transfer failure
+becomes. Never pickle.
+
+The checksum is XXH3-64: it guards against corruption (not tampering: the challenge does that) at
+~30 GB/s a core, where zlib's CRC32 managed ~3 GB/s here and cost a third of a loopback transfer."""
 
 from __future__ import annotations
 
@@ -10,9 +14,15 @@ import struct
 from typing import Any
 
 import msgpack
+import xxhash
 
 MAX_FRAME = 1 << 20  # metadata frames are small; refuse anything bigger
 CHUNK = 1 << 20  # checksummed and paced in pieces this big
+
+
+def checksum() -> xxhash.xxh3_64:
+    """A running payload checksum: `update(chunk)` as the bytes pass, `intdigest()` at the end."""
+    return xxhash.xxh3_64()
 
 
 class KVTransferError(RuntimeError):

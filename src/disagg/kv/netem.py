@@ -55,18 +55,34 @@ class Link:
         rate = f"{self.bits_per_second / 1e9:g} Gbit/s" if self.bits_per_second else "unlimited rate"
         return f"EMULATED {rate}, {self.latency * 1e6:g} us one-way"
 
-    def send_blocking(self, sock: socket.socket, data: memoryview) -> None:
-        """Send `data` at the link's pace: the first byte after the delay, then at the rate."""
-        if self.latency:
-            time.sleep(self.latency)
-        if self.bits_per_second is None:
+    def pacer(self) -> Pacer:
+        """A pacer for one transfer: its sends share one delay and one rate clock."""
+        return Pacer(self)
+
+
+class Pacer:
+    """Sends one transfer's pieces at a link's pace: the first byte after the delay, then at the
+    rate, counted from the transfer's start (so many small sends cost one delay, not one each)."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.start: float | None = None
+        self.sent = 0
+
+    def send(self, sock: socket.socket, data: memoryview) -> None:
+        if self.start is None:
+            if self.link.latency:
+                time.sleep(self.link.latency)
+            self.start = time.perf_counter()
+        rate = self.link.bits_per_second
+        if rate is None:
             sock.sendall(data)
+            self.sent += len(data)
             return
-        start = time.perf_counter()
         for off in range(0, len(data), CHUNK):
             chunk = data[off : off + CHUNK]
+            self.sent += len(chunk)
             # a chunk is released when its last bit would have crossed the link
-            due = start + (off + len(chunk)) * 8 / self.bits_per_second
-            if (wait := due - time.perf_counter()) > 0:
+            if (wait := self.start + self.sent * 8 / rate - time.perf_counter()) > 0:
                 time.sleep(wait)
             sock.sendall(chunk)

@@ -13,10 +13,9 @@ import os
 import re
 import secrets
 import threading
-import zlib
 from collections.abc import Iterator
 
-from disagg.kv.framing import CHUNK, KVTransferError
+from disagg.kv.framing import CHUNK, KVTransferError, checksum
 
 SHM_DIR = "/dev/shm"
 SHM_NAME = re.compile(r"disagg-kv-[0-9a-f]{32}")
@@ -36,19 +35,19 @@ class SharedSegment:
             os.close(fd)
 
     def fill(self, views: tuple[memoryview, ...] | list[memoryview]) -> int:
-        """Copy the views in, in order; returns their CRC32, computed as they pass."""
-        crc, off = 0, 0
+        """Copy the views in, in order; returns their checksum, computed as they pass."""
+        crc, off = checksum(), 0
         dst = memoryview(self.mm)
         try:
             for view in views:
                 for lo in range(0, view.nbytes, CHUNK):
                     chunk = view[lo : lo + CHUNK]
                     dst[off : off + chunk.nbytes] = chunk
-                    crc = zlib.crc32(chunk, crc)
+                    crc.update(chunk)
                     off += chunk.nbytes
         finally:
             dst.release()
-        return crc
+        return crc.intdigest()
 
     def close(self) -> None:
         self.mm.close()
@@ -112,15 +111,15 @@ class SegmentReader:
                     self._maps.pop(next(iter(self._maps))).close()
             src = memoryview(mm)
             try:
-                crc, off = 0, 0
+                crc, off = checksum(), 0
                 for view in views:
                     if off + view.nbytes > len(src):
                         raise KVTransferError("shared-memory segment is shorter than its header says")
                     for lo in range(0, view.nbytes, CHUNK):
                         chunk = view[lo : lo + CHUNK]
                         chunk[:] = src[off : off + chunk.nbytes]
-                        crc = zlib.crc32(chunk, crc)
+                        crc.update(chunk)
                         off += chunk.nbytes
-                return crc
+                return crc.intdigest()
             finally:
                 src.release()

@@ -6,13 +6,13 @@ Never pickle. A session:
     server -> {"challenge": hex or None}
     client -> {"op": "auth", "mac": hex}            only when challenged (HMAC-SHA256 of the nonce)
     client -> {"op": "pull", "request_id": id}
-    server -> {"ok": True, "num_tokens", "digest", "shape", "dtype", "nbytes"} + nbytes raw bytes + {"crc32"}
+    server -> {"ok": True, "num_tokens", "digest", "shape", "dtype", "nbytes"} + nbytes raw bytes + {"xxh3"}
     client -> {"op": "release", "request_id": id}
     server -> {"ok": True}
 
 The payload moves with blocking sockets on worker threads: `sendall` straight from the exported
 tensor's memory, `recv_into` straight into the tensor the decode side imports, so no Python object
-ever holds a copy of it. The CRC32 goes in a trailer frame, computed chunk by chunk as the bytes
+ever holds a copy of it. The checksum (XXH3-64) goes in a trailer frame, computed chunk by chunk as the bytes
 pass, while they are in cache, on both sides. The async API (`KVServer.start`, `KVClient.pull`) wraps those threads.
 
 A shared secret (DISAGG_KV_SECRET) turns the challenge on; binding anywhere but loopback requires
@@ -29,7 +29,6 @@ import os
 import secrets
 import socket
 import threading
-import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +37,7 @@ import msgpack
 import torch
 
 from disagg.kv.codecs import CODECS, decode, encode
-from disagg.kv.framing import CHUNK, KVTransferError, challenge_mac, read_frame, recv_exact, send_frame
+from disagg.kv.framing import CHUNK, KVTransferError, challenge_mac, checksum, read_frame, recv_exact, send_frame
 from disagg.kv.netem import Link
 from disagg.kv.shm import SHM_NAME, SegmentPool, SegmentReader
 
@@ -94,6 +93,8 @@ class KVServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = threading.Event()
         self._segments = SegmentPool()
+        self._conns: set[socket.socket] = set()  # open sessions, closed with the server
+        self._conns_lock = threading.Lock()
 
     async def start(self, host: str, port: int) -> int:
         if not is_loopback(host) and not self._secret:
@@ -110,6 +111,10 @@ class KVServer:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
+        with self._conns_lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
 
     def _accept(self) -> None:
         while not self._closed.is_set():
@@ -123,6 +128,8 @@ class KVServer:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=60)
 
     def _serve(self, conn: socket.socket) -> None:
+        with self._conns_lock:
+            self._conns.add(conn)
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
@@ -152,6 +159,9 @@ class KVServer:
                         send_frame(conn, {"ok": False, "error": f"unknown op {op!r}"})
             except (OSError, ConnectionError, KVTransferError, msgpack.UnpackException, ValueError):
                 return
+            finally:
+                with self._conns_lock:
+                    self._conns.discard(conn)
 
     def _send(self, conn: socket.socket, rid: str, via_shm: bool = False, codec: str = "none") -> None:
         try:
@@ -171,26 +181,39 @@ class KVServer:
         if via_shm:
             with self._segments.lend(nbytes) as seg:
                 crc = seg.fill(views)
-                send_frame(conn, head | {"shm": seg.name, "crc32": crc})
+                send_frame(conn, head | {"shm": seg.name, "xxh3": crc})
                 read_frame(conn)  # the reader says when it is done; the segment goes with this block
             self._on_sent(nbytes)
             return
         send_frame(conn, head)
-        crc = 0
+        crc, pacer = checksum(), self.link.pacer()
         for view in views:
             for off in range(0, view.nbytes, CHUNK):
                 chunk = view[off : off + CHUNK]
-                crc = zlib.crc32(chunk, crc)
-                self.link.send_blocking(conn, chunk)
-        send_frame(conn, {"crc32": crc})
+                crc.update(chunk)
+                pacer.send(conn, chunk)
+        send_frame(conn, {"xxh3": crc.intdigest()})
         self._on_sent(nbytes)
 
 
 class KVClient:
-    def __init__(self, secret: str | None = None, timeout: float = 30.0) -> None:
+    """Pulls KV from KV servers. Authenticated connections are kept (up to `max_idle` a server)
+    and reused, so a pull costs no connect or challenge round trips."""
+
+    def __init__(self, secret: str | None = None, timeout: float = 30.0, max_idle: int = 4) -> None:
         self._secret = secret if secret is not None else os.environ.get("DISAGG_KV_SECRET")
         self.timeout = timeout
+        self.max_idle = max_idle
         self._segments = SegmentReader()
+        self._idle: dict[tuple[str, int], list[socket.socket]] = {}
+        self._idle_lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._idle_lock:
+            for socks in self._idle.values():
+                for s in socks:
+                    s.close()
+            self._idle.clear()
 
     @property
     def has_secret(self) -> bool:
@@ -238,15 +261,16 @@ class KVClient:
                     crc = self._segments.read_into(name, views)
                 finally:
                     send_frame(sock, {"op": "shm_done"})
-                expected_crc = head.get("crc32")
+                expected_crc = head.get("xxh3")
             else:
-                crc = 0
+                running = checksum()
                 for view in views:
                     for off in range(0, view.nbytes, CHUNK):
                         chunk = view[off : off + CHUNK]
                         recv_exact(sock, chunk)
-                        crc = zlib.crc32(chunk, crc)
-                expected_crc = read_frame(sock).get("crc32")
+                        running.update(chunk)
+                crc = running.intdigest()
+                expected_crc = read_frame(sock).get("xxh3")
             if expected_crc != crc:
                 raise KVTransferError("KV payload checksum mismatch")
             if release:
@@ -265,17 +289,62 @@ class KVClient:
         return bool(read_frame(sock).get("ok"))
 
     def _session(self, host: str, port: int, work: Callable[[socket.socket], Any]) -> Any:
+        sock = None
         try:
-            with socket.create_connection((host, port), timeout=self.timeout) as sock:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                hello = read_frame(sock)
-                if hello.get("challenge"):
-                    if not self._secret:
-                        raise KVTransferError("the KV server wants a secret: set DISAGG_KV_SECRET")
-                    send_frame(sock, {"op": "auth", "mac": challenge_mac(self._secret, str(hello["challenge"]))})
-                return work(sock)
+            sock = self._checkout(host, port) or self._connect(host, port)
+            result = work(sock)
         except (OSError, ConnectionError, msgpack.UnpackException, ValueError) as e:
+            if sock is not None:
+                sock.close()
             raise KVTransferError(f"KV transfer with {host}:{port} failed: {e!r}") from e
+        except BaseException:
+            if sock is not None:  # mid-protocol: the connection's state is unknown
+                sock.close()
+            raise
+        with self._idle_lock:
+            idle = self._idle.setdefault((host, port), [])
+            if len(idle) < self.max_idle:
+                idle.append(sock)
+                sock = None
+        if sock is not None:
+            sock.close()
+        return result
+
+    def _connect(self, host: str, port: int) -> socket.socket:
+        sock = socket.create_connection((host, port), timeout=self.timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello = read_frame(sock)
+            if hello.get("challenge"):
+                if not self._secret:
+                    raise KVTransferError("the KV server wants a secret: set DISAGG_KV_SECRET")
+                send_frame(sock, {"op": "auth", "mac": challenge_mac(self._secret, str(hello["challenge"]))})
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _checkout(self, host: str, port: int) -> socket.socket | None:
+        """An idle connection to the server that is still open (a closed one reads as EOF)."""
+        while True:
+            with self._idle_lock:
+                idle = self._idle.get((host, port))
+                if not idle:
+                    return None
+                sock = idle.pop()
+            try:
+                sock.setblocking(False)
+                alive = False
+                try:
+                    sock.recv(1, socket.MSG_PEEK)  # b"" (closed) or stray bytes: not reusable
+                except BlockingIOError:
+                    alive = True
+                sock.settimeout(self.timeout)
+            except OSError:
+                alive = False
+            if alive:
+                return sock
+            sock.close()
 
     @staticmethod
     def _check(head: dict[str, Any], expected: tuple[int, ...] | None,
