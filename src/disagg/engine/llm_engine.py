@@ -179,6 +179,12 @@ class LLMEngine:
         if kv.digest and kv.digest != tokens_digest(seq.token_ids[: kv.num_tokens]):
             raise InvalidRequestError("imported KV was computed from other tokens than this prompt's")
 
+    def can_receive_in_place(self, seq: Sequence, num_tokens: int, dtype: str) -> bool:
+        """Whether `reserve_kv` can ever succeed for this KV: a CPU cache of the same dtype, and
+        a cache big enough for it (blocks may still be short now)."""
+        return (self.device.type == "cpu" and dtype == self.dtype_name and 0 < num_tokens <= seq.num_prompt_tokens
+                and not seq.block_table and -(-num_tokens // self.config.block_size) <= self.kv_cache.num_blocks)
+
     def reserve_kv(self, seq: Sequence, num_tokens: int, dtype: str) -> list[memoryview] | None:
         """Allocate `seq`'s blocks for `num_tokens` tokens of incoming KV and return their memory in
         export order, for a transport to receive into; then `add_request(seq, kv=ImportedKV(None,

@@ -9,6 +9,8 @@ Never pickle. A session:
     server -> {"ok": True, "num_tokens", "digest", "shape", "dtype", "nbytes"} + nbytes raw bytes + {"xxh3"}
     client -> {"op": "release", "request_id": id}
     server -> {"ok": True}
+    client -> {"op": "renew", "request_id": id}     a decode still waiting for cache blocks
+    server -> {"ok": True, "lease_s": seconds}
 
 The payload moves with blocking sockets on worker threads: `sendall` straight from the exported
 tensor's memory, `recv_into` straight into the tensor the decode side imports, so no Python object
@@ -85,8 +87,9 @@ class KVServer:
 
     def __init__(self, export: Callable[[str], Awaitable[KVPayload]], release: Callable[[str], Awaitable[bool]],
                  secret: str | None = None, on_sent: Callable[[int], None] | None = None,
-                 link: Link | None = None) -> None:
+                 link: Link | None = None, renew: Callable[[str], Awaitable[float | None]] | None = None) -> None:
         self._export, self._release, self._secret = export, release, secret
+        self._renew = renew
         self._on_sent = on_sent or (lambda n: None)
         self.link = link or Link()
         self._sock: socket.socket | None = None
@@ -155,6 +158,9 @@ class KVServer:
                             self._send(conn, rid, via_shm=msg.get("via") == "shm", codec=codec)
                     elif op == "release":
                         send_frame(conn, {"ok": bool(self._call(self._release(rid)))})
+                    elif op == "renew":
+                        lease = self._call(self._renew(rid)) if self._renew is not None else None
+                        send_frame(conn, {"ok": lease is not None, "lease_s": lease})
                     else:
                         send_frame(conn, {"ok": False, "error": f"unknown op {op!r}"})
             except (OSError, ConnectionError, KVTransferError, msgpack.UnpackException, ValueError):
@@ -232,6 +238,17 @@ class KVClient:
     async def release(self, host: str, port: int, request_id: str) -> bool:
         """Tell a KV server to free a request's held blocks without pulling them."""
         return await asyncio.to_thread(self._session, host, port, lambda s: self._release(s, request_id))
+
+    async def renew(self, host: str, port: int, request_id: str) -> float | None:
+        """Ask a KV server to keep holding a request's blocks; the new lease in seconds, or None
+        when it no longer holds them."""
+        def renew(sock: socket.socket) -> float | None:
+            send_frame(sock, {"op": "renew", "request_id": request_id})
+            reply = read_frame(sock)
+            lease = reply.get("lease_s")
+            return float(lease) if reply.get("ok") and isinstance(lease, (int, float)) and lease > 0 else None
+
+        return await asyncio.to_thread(self._session, host, port, renew)
 
     def pull_blocking(self, host: str, port: int, request_id: str, expected: tuple[int, ...] | None = None,
                       release: bool = True, into: Destination | None = None, shm: bool = False,

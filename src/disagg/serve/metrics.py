@@ -28,6 +28,8 @@ class WorkerMetrics:
                                          registry=r)
         self.kv_pull_failures = Counter("disagg_kv_pull_failures", "KV pulls that failed (fell back to recompute)",
                                         registry=r)
+        self.kv_lease_renewals = Counter("disagg_kv_lease_renewals", "Leases renewed by a decode worker that waits for "
+                                         "cache blocks", registry=r)
         self.kv_leases_expired = Counter("disagg_kv_leases_expired", "Held KV freed because no decode pulled it",
                                          registry=r)
         gauges = {

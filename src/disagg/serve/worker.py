@@ -3,8 +3,9 @@
 - both: an ordinary server.
 - prefill: a request with kv_transfer_params.do_remote_decode computes the prompt and token 1,
   keeps the blocks under a lease, and answers with where to pull them (vLLM's protocol).
-- decode: a request with kv_transfer_params.do_remote_prefill pulls those blocks over TCP, tells
-  the prefill side to release them, and continues; if the pull fails it recomputes the prompt.
+- decode: a request with kv_transfer_params.do_remote_prefill reserves cache blocks for the KV
+  (waiting, and renewing the prefill's lease, while the cache is full), pulls the blocks into
+  them, tells the prefill side to release them, and continues; if the pull fails it recomputes.
 
 Any role serves ordinary requests too. /health is 503 until the model has loaded.
 """
@@ -68,7 +69,7 @@ class Worker:
         self.leases: dict[str, float] = {}  # held request id -> monotonic expiry
         secret = os.environ.get("DISAGG_KV_SECRET") or None
         self.kv_server = KVServer(self._export, self._release, secret=secret, on_sent=self.metrics.kv_bytes_sent.inc,
-                                  link=opts.link())
+                                  link=opts.link(), renew=self._renew)
         self.kv_client = KVClient(secret=secret)
         self.kv_port = 0
         self._tasks: list[asyncio.Task[Any]] = []
@@ -118,6 +119,13 @@ class Worker:
             return KVPayload(None, n, digest, chunks=tuple(chunks), shape=shape, dtype=getattr(torch, dtype))
         kv = await self.engine.call(lambda e: e.export_kv(rid))
         return KVPayload(kv.data, kv.num_tokens, kv.digest)
+
+    async def _renew(self, rid: str) -> float | None:
+        if rid not in self.leases:
+            return None
+        self.leases[rid] = time.monotonic() + self.opts.kv_lease
+        self.metrics.kv_lease_renewals.inc()
+        return self.opts.kv_lease
 
     async def _release(self, rid: str) -> bool:
         if self.leases.pop(rid, None) is None or self.engine is None:
@@ -192,9 +200,10 @@ class Worker:
         rid = seq.request_id
         views = None
         codec = self.opts.kv_codec
-        if kvp.kv_dtype and kvp.num_tokens and codec == "none":  # coded KV must be decoded: not in place
-            views = await engine.call(lambda e: e.reserve_kv(seq, kvp.num_tokens, kvp.kv_dtype))
         try:
+            if kvp.kv_dtype and kvp.num_tokens and codec == "none" and await engine.call(  # coded KV is decoded
+                    lambda e: e.can_receive_in_place(seq, kvp.num_tokens, kvp.kv_dtype)):
+                views = await self._reserve(engine, seq, kvp)
             payload = await self.kv_client.pull(kvp.remote_host, kvp.remote_port, kvp.remote_request_id,
                                                 engine.engine.kv_cache.export_shape(-1),
                                                 into=(lambda shape, dtype: views) if views is not None else None,
@@ -208,8 +217,26 @@ class Worker:
             self.metrics.kv_pull_failures.inc()
             log.warning("%s; recomputing the prompt instead", e)
             return {"first_token_ids": first}
+        except BaseException:  # cancelled (the client left): the reserved blocks must not leak
+            if views is not None:
+                self._tasks.append(asyncio.create_task(engine.call(lambda e: e.unreserve(rid))))
+            raise
         self.metrics.kv_bytes_received.inc(payload.wire_bytes)
         return {"kv": ImportedKV(payload.data, payload.num_tokens, payload.digest), "first_token_ids": first}
+
+    async def _reserve(self, engine: AsyncEngine, seq: Sequence, kvp: Any) -> list[memoryview]:
+        """Cache blocks to receive the KV into. While the cache is full the request waits here,
+        renewing the prefill's lease (at a third of its length) so the KV outlives the wait: the
+        alternative, pulling into memory outside the cache, would let a queue grow without bound."""
+        next_renewal = time.monotonic()
+        while (views := await engine.call(lambda e: e.reserve_kv(seq, kvp.num_tokens, kvp.kv_dtype))) is None:
+            if time.monotonic() >= next_renewal:
+                lease = await self.kv_client.renew(kvp.remote_host, kvp.remote_port, kvp.remote_request_id)
+                if lease is None:
+                    raise KVTransferError("the prefill worker no longer holds the KV this request waited for")
+                next_renewal = time.monotonic() + lease / 3
+            await asyncio.sleep(0.02)  # blocks free as running requests finish, step by step
+        return views
 
     async def _sse(self, fmt: _Formatter, first: RequestOutput, stream: AsyncIterator[RequestOutput], t0: float,
                    include_usage: bool) -> AsyncIterator[bytes]:
