@@ -26,7 +26,8 @@ async def _ready(*workers: Worker) -> None:
         await w.start()
     deadline = time.monotonic() + 120
     while not all(w.engine is not None for w in workers):
-        assert time.monotonic() < deadline and not any(w.load_error for w in workers), "workers did not load"
+        assert time.monotonic() < deadline, "workers did not load"
+        assert not any(w.load_error for w in workers)
         await asyncio.sleep(0.05)
 
 
@@ -60,7 +61,8 @@ def test_a_queued_decode_renews_the_lease_and_pulls_after_it_would_have_expired(
             waiting = asyncio.create_task(_complete(decode, max_tokens=8, ignore_eos=True, kv_transfer_params=kvp))
             deadline = time.monotonic() + 30
             while time.monotonic() - t_held < 2 * LEASE or prefill.metrics.kv_lease_renewals._value.get() < 3:
-                assert time.monotonic() < deadline and not waiting.done(), "the decode request did not wait"
+                assert time.monotonic() < deadline, "the decode request did not wait"
+                assert not waiting.done()
                 await asyncio.sleep(0.05)
             await decode.engine.call(lambda e: e.release("blocker"))
             out = await asyncio.wait_for(waiting, 60)

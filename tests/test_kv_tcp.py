@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 
+from disagg.kv import nixl
 from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError
 
 
@@ -91,9 +92,9 @@ def test_shared_memory_pull_is_exact_and_leaves_no_segment():
         data = torch.randn(2, 2, 2, 64, 16, 64)  # 2 MiB: more than one chunk
         server, port, _, _ = await _serve(data=data)
         client = KVClient(secret="")
-        got = await client.pull("127.0.0.1", port, "r1", shm=True, release=False)
+        got = await client.pull("127.0.0.1", port, "r1", via="shm", release=False)
         dest = [memoryview(bytearray(data.numel() * 4))]
-        again = await client.pull("127.0.0.1", port, "r1", shm=True, into=lambda shape, dtype: dest)
+        again = await client.pull("127.0.0.1", port, "r1", via="shm", into=lambda shape, dtype: dest)
         await server.close()
         return data, got, again, dest
 
@@ -107,7 +108,7 @@ def test_shared_memory_pull_is_exact_and_leaves_no_segment():
 
 def test_shared_memory_is_refused_across_hosts():
     with pytest.raises(KVTransferError, match="one host"):
-        KVClient(secret="").pull_blocking("10.0.0.1", 1, "r1", shm=True)
+        KVClient(secret="").pull_blocking("10.0.0.1", 1, "r1", via="shm")
 
 
 @pytest.mark.parametrize("codec", ["fp16", "int8", "int4"])
@@ -154,7 +155,7 @@ def test_an_unknown_codec_is_refused():
 def test_pulls_reuse_one_connection_and_survive_a_server_restart():
     async def main():
         data = torch.randn(2, 2, 1, 3, 16, 4)
-        server, port, held, _ = await _serve(data=data)
+        server, port, _, _ = await _serve(data=data)
         client = KVClient(secret="")
         await client.pull("127.0.0.1", port, "r1", release=False)
         (first,) = client._idle[("127.0.0.1", port)]
@@ -172,4 +173,31 @@ def test_pulls_reuse_one_connection_and_survive_a_server_restart():
     first, second, third, got, again, data = run(main())
     assert first is second, "the second pull opened a new connection"
     assert third is not first, "a dead connection was reused"
-    assert torch.equal(got.data, data) and torch.equal(again.data, data)
+    assert torch.equal(got.data, data)
+    assert torch.equal(again.data, data)
+
+
+needs_nixl = pytest.mark.skipif(not nixl.available(), reason="NIXL is not installed (pip install --no-deps nixl-cu12)")
+
+
+@needs_nixl
+def test_nixl_reads_the_exact_bytes_into_registered_and_unregistered_memory():
+    async def main():
+        data = torch.randn(2, 2, 1, 3, 16, 4)
+        server, port, _, _ = await _serve(data=data)
+        plain = KVClient(secret="", nixl=nixl.NixlAgent())
+        with pytest.raises(KVTransferError, match="does not serve NIXL"):
+            await plain.pull("127.0.0.1", port, "r1", release=False, via="nixl")
+        server.nixl = nixl.NixlAgent([data])
+        cache = torch.zeros_like(data)  # registered up front, as a decode worker's KV cache is
+        client = KVClient(secret="", nixl=nixl.NixlAgent([cache]))
+        dest = [memoryview(cache.view(-1).view(torch.uint8).numpy())]
+        into = await client.pull("127.0.0.1", port, "r1", release=False, via="nixl", into=lambda s, d: dest)
+        fresh = await client.pull("127.0.0.1", port, "r1", via="nixl")  # a tensor registered for the one read
+        await server.close()
+        return data, cache, into, fresh
+
+    data, cache, into, fresh = run(main())
+    assert into.data is None
+    assert torch.equal(cache, data)
+    assert torch.equal(fresh.data, data)

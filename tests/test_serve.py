@@ -15,6 +15,7 @@ import pytest
 from conftest import make_engine
 from disagg.engine.config import EngineConfig
 from disagg.engine.sampling import SamplingParams
+from disagg.kv import nixl
 from disagg.kv.layout import kv_bytes_per_token
 from disagg.model.loader import resolve
 from disagg.model.presets import PRESETS
@@ -149,7 +150,8 @@ def test_client_disconnect_aborts_on_every_worker(cluster):
     assert wait_until(lambda: all_blocks_free(cluster))
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("transport", ["tcp", "shm", pytest.param("nixl", marks=pytest.mark.skipif(
+    not nixl.available(), reason="NIXL is not installed (pip install --no-deps nixl-cu12)"))])
 def test_disaggregated_kv_bytes_match_the_size_formula(transport):
     with start("disaggregated", kv_transport=transport) as c:
         decode = next(u for n, u in c.worker_urls().items() if n.startswith("decode"))
@@ -163,6 +165,7 @@ def test_disaggregated_kv_bytes_match_the_size_formula(transport):
             assert metrics(decode)["disagg_kv_bytes_received_total"] - before == blocks * 16 * per_token
         assert metrics(prefill)["disagg_kv_bytes_sent_total"] == metrics(decode)["disagg_kv_bytes_received_total"]
         assert metrics(decode)["disagg_kv_pull_failures_total"] == 0
+        assert metrics(decode)[f'disagg_kv_pulls_total{{via="{transport}"}}'] == len(PROMPTS)
         assert wait_until(lambda: all_blocks_free(c))
 
 

@@ -11,7 +11,7 @@ from disagg.cli_args import described as _help
 class TransferBenchOptions:
     """what to measure (each flag also reads DISAGG_<FLAG> from the environment)"""
 
-    transport: str = field(default="tcp", metadata=_help("tcp or shm (nixl is not built yet)"))
+    transport: str = field(default="tcp", metadata=_help("tcp, shm or nixl"))
     sizes: str = field(default="1M,8M,64M,512M", metadata=_help("payload sizes, comma-separated (K, M, G: binary)"))
     repeats: int = field(default=10, metadata=_help("pulls per size"))
     kv_bandwidth: str | None = field(default=None, metadata=_help("emulated link rate, e.g. 10gbit"))

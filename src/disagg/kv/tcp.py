@@ -12,6 +12,11 @@ Never pickle. A session:
     client -> {"op": "renew", "request_id": id}     a decode still waiting for cache blocks
     server -> {"ok": True, "lease_s": seconds}
 
+With "via": "shm" the bytes go through a shared-memory segment (kv/shm.py) and the header names
+it; with "via": "nixl" the header carries the server's NIXL agent metadata and memory regions and
+the client READs them (kv/nixl.py). Either way the client answers {"op": "done"} when it has the
+bytes, so the server knows the memory is free to reuse.
+
 The payload moves with blocking sockets on worker threads: `sendall` straight from the exported
 tensor's memory, `recv_into` straight into the tensor the decode side imports, so no Python object
 ever holds a copy of it. The checksum (XXH3-64) goes in a trailer frame, computed chunk by chunk as the bytes
@@ -41,6 +46,7 @@ import torch
 from disagg.kv.codecs import CODECS, decode, encode
 from disagg.kv.framing import CHUNK, KVTransferError, challenge_mac, checksum, read_frame, recv_exact, send_frame
 from disagg.kv.netem import Link
+from disagg.kv.nixl import NixlAgent, view_regions
 from disagg.kv.shm import SHM_NAME, SegmentPool, SegmentReader
 
 MAX_PAYLOAD = 64 << 30
@@ -87,9 +93,11 @@ class KVServer:
 
     def __init__(self, export: Callable[[str], Awaitable[KVPayload]], release: Callable[[str], Awaitable[bool]],
                  secret: str | None = None, on_sent: Callable[[int], None] | None = None,
-                 link: Link | None = None, renew: Callable[[str], Awaitable[float | None]] | None = None) -> None:
+                 link: Link | None = None, renew: Callable[[str], Awaitable[float | None]] | None = None,
+                 nixl: NixlAgent | None = None) -> None:
         self._export, self._release, self._secret = export, release, secret
         self._renew = renew
+        self.nixl = nixl  # set (also after start) to serve "via": "nixl"
         self._on_sent = on_sent or (lambda n: None)
         self.link = link or Link()
         self._sock: socket.socket | None = None
@@ -155,7 +163,7 @@ class KVServer:
                         if codec not in CODECS:
                             send_frame(conn, {"ok": False, "error": f"unknown codec {codec!r}"})
                         else:
-                            self._send(conn, rid, via_shm=msg.get("via") == "shm", codec=codec)
+                            self._send(conn, rid, via=msg.get("via"), codec=codec)
                     elif op == "release":
                         send_frame(conn, {"ok": bool(self._call(self._release(rid)))})
                     elif op == "renew":
@@ -169,7 +177,11 @@ class KVServer:
                 with self._conns_lock:
                     self._conns.discard(conn)
 
-    def _send(self, conn: socket.socket, rid: str, via_shm: bool = False, codec: str = "none") -> None:
+    def _send(self, conn: socket.socket, rid: str, via: Any = "tcp", codec: str = "none") -> None:
+        if via == "nixl" and (self.nixl is None or codec != "none"):
+            send_frame(conn, {"ok": False, "error": "this KV server does not serve NIXL" if self.nixl is None
+                              else "NIXL moves KV as is: no wire codec"})
+            return
         try:
             payload = self._call(self._export(rid))
         except Exception as e:
@@ -184,11 +196,28 @@ class KVServer:
         nbytes = sum(v.nbytes for v in views)
         head = {"ok": True, "num_tokens": payload.num_tokens, "digest": payload.digest, "shape": list(shape),
                 "dtype": str(dtype).removeprefix("torch."), "nbytes": nbytes, "codec": codec, "parts": parts_meta}
-        if via_shm:
+        if via == "shm":
             with self._segments.lend(nbytes) as seg:
                 crc = seg.fill(views)
                 send_frame(conn, head | {"shm": seg.name, "xxh3": crc})
                 read_frame(conn)  # the reader says when it is done; the segment goes with this block
+            self._on_sent(nbytes)
+            return
+        if via == "nixl":
+            regions = view_regions(views)
+            # views of the cache are registered already; a copy (exported from a GPU cache) is not
+            temp = None if self.nixl.covers(regions) else self.nixl.register(regions)
+            try:
+                crc = checksum()
+                for view in views:
+                    crc.update(view)
+                send_frame(conn, head | {"xxh3": crc.intdigest(), "nixl": {
+                    "agent": self.nixl.name, "md": self.nixl.metadata(), "regions": [list(r) for r in regions],
+                    "mem": "DRAM"}})
+                read_frame(conn)  # the reader is done with the memory
+            finally:
+                if temp is not None:
+                    self.nixl.deregister(temp)
             self._on_sent(nbytes)
             return
         send_frame(conn, head)
@@ -206,9 +235,11 @@ class KVClient:
     """Pulls KV from KV servers. Authenticated connections are kept (up to `max_idle` a server)
     and reused, so a pull costs no connect or challenge round trips."""
 
-    def __init__(self, secret: str | None = None, timeout: float = 30.0, max_idle: int = 4) -> None:
+    def __init__(self, secret: str | None = None, timeout: float = 30.0, max_idle: int = 4,
+                 nixl: NixlAgent | None = None) -> None:
         self._secret = secret if secret is not None else os.environ.get("DISAGG_KV_SECRET")
         self.timeout = timeout
+        self.nixl = nixl  # needed to pull "via": "nixl"
         self.max_idle = max_idle
         self._segments = SegmentReader()
         self._idle: dict[tuple[str, int], list[socket.socket]] = {}
@@ -226,14 +257,15 @@ class KVClient:
         return bool(self._secret)
 
     async def pull(self, host: str, port: int, request_id: str, expected_shape: tuple[int, ...] | None = None,
-                   release: bool = True, into: Destination | None = None, shm: bool = False,
+                   release: bool = True, into: Destination | None = None, via: str = "tcp",
                    codec: str = "none") -> KVPayload:
         """Fetch a request's KV and (by default) tell the server to free it. `into(shape, dtype)`
         may give the memory to receive into (in export order); the result's data is then None.
-        `shm`: move the bytes through a shared-memory segment (same host only). `codec`: compress
-        on the wire (kv/codecs.py); the KV then arrives as a tensor, never in place."""
+        `via`: tcp; shm, through a shared-memory segment (same host only); or nixl (needs this
+        client's `nixl` agent, with `into`'s memory registered). `codec`: compress on the wire
+        (kv/codecs.py); the KV then arrives as a tensor, never in place."""
         return await asyncio.to_thread(self.pull_blocking, host, port, request_id, expected_shape, release, into,
-                                       shm, codec)
+                                       via, codec)
 
     async def release(self, host: str, port: int, request_id: str) -> bool:
         """Tell a KV server to free a request's held blocks without pulling them."""
@@ -251,14 +283,15 @@ class KVClient:
         return await asyncio.to_thread(self._session, host, port, renew)
 
     def pull_blocking(self, host: str, port: int, request_id: str, expected: tuple[int, ...] | None = None,
-                      release: bool = True, into: Destination | None = None, shm: bool = False,
+                      release: bool = True, into: Destination | None = None, via: str = "tcp",
                       codec: str = "none") -> KVPayload:
-        if shm and not is_loopback(host):
+        if via == "shm" and not is_loopback(host):
             raise KVTransferError(f"shared memory needs both workers on one host, not {host}")
+        if via == "nixl" and self.nixl is None:
+            raise KVTransferError("this client has no NIXL agent")
 
         def pull(sock: socket.socket) -> KVPayload:
-            send_frame(sock, {"op": "pull", "request_id": request_id, "via": "shm" if shm else "tcp",
-                               "codec": codec})
+            send_frame(sock, {"op": "pull", "request_id": request_id, "via": via, "codec": codec})
             head = read_frame(sock)
             if not head.get("ok"):
                 raise KVTransferError(f"KV server refused: {head.get('error')}")
@@ -270,14 +303,20 @@ class KVClient:
                 views = [memoryview(buf.numpy())]
             elif sum(v.nbytes for v in views) != head["nbytes"]:
                 raise KVTransferError("KV payload does not fit the memory given for it")
-            if shm:
+            if via == "shm":
                 name = head.get("shm")
                 if not isinstance(name, str) or not SHM_NAME.fullmatch(name):
                     raise KVTransferError("malformed shared-memory name")
                 try:
                     crc = self._segments.read_into(name, views)
                 finally:
-                    send_frame(sock, {"op": "shm_done"})
+                    send_frame(sock, {"op": "done"})
+                expected_crc = head.get("xxh3")
+            elif via == "nixl":
+                try:
+                    crc = self._nixl_read(head, views)
+                finally:
+                    send_frame(sock, {"op": "done"})
                 expected_crc = head.get("xxh3")
             else:
                 running = checksum()
@@ -300,6 +339,28 @@ class KVClient:
                              wire_bytes=head["nbytes"])
 
         return self._session(host, port, pull)
+
+    def _nixl_read(self, head: dict[str, Any], views: list[memoryview]) -> int:
+        """READ the server's regions into `views` through NIXL; returns the XXH3 of what arrived."""
+        meta = head.get("nixl")
+        if not (isinstance(meta, dict) and isinstance(meta.get("agent"), str) and len(meta["agent"]) <= 128
+                and isinstance(meta.get("md"), bytes) and meta.get("mem") in ("DRAM", "VRAM")
+                and isinstance(meta.get("regions"), list) and all(
+                    isinstance(r, list) and len(r) == 3 and all(isinstance(x, int) and x >= 0 for x in r) and r[1] > 0
+                    for r in meta["regions"])):
+            raise KVTransferError("malformed NIXL header")
+        remote = [tuple(r) for r in meta["regions"]]
+        local = view_regions(views)
+        handle = None if self.nixl.covers(local) else self.nixl.register(local)
+        try:
+            self.nixl.read(meta["agent"], meta["md"], remote, meta["mem"], local, "DRAM", self.timeout)
+        finally:
+            if handle is not None:
+                self.nixl.deregister(handle)
+        crc = checksum()
+        for view in views:
+            crc.update(view)
+        return crc.intdigest()
 
     def _release(self, sock: socket.socket, request_id: str) -> bool:
         send_frame(sock, {"op": "release", "request_id": request_id})

@@ -17,6 +17,8 @@ import time
 import torch
 
 from disagg.kv.netem import Link
+from disagg.kv.nixl import NixlAgent
+from disagg.kv.nixl import available as nixl_available
 from disagg.kv.options import TransferBenchOptions
 from disagg.kv.tcp import KVClient, KVPayload, KVServer
 
@@ -34,7 +36,7 @@ def parse_size(text: str) -> int:
 
 
 class _ServerThread:
-    def __init__(self, payloads: dict[str, KVPayload], link: Link) -> None:
+    def __init__(self, payloads: dict[str, KVPayload], link: Link, nixl: NixlAgent | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.payloads = payloads
 
@@ -44,7 +46,7 @@ class _ServerThread:
         async def release(rid: str) -> bool:
             return True
 
-        self.server = KVServer(export, release, link=link)
+        self.server = KVServer(export, release, link=link, nixl=nixl)
         self.port = 0
         ready = threading.Event()
 
@@ -111,26 +113,30 @@ def _pct(xs: list[float], q: float) -> float:
 def run(opts: TransferBenchOptions) -> list[dict[str, float]]:
     from disagg.errors import ConfigError
 
-    if opts.transport not in ("tcp", "shm"):
-        raise ConfigError(f"transport {opts.transport!r} is not built yet; use tcp or shm")
+    if opts.transport not in ("tcp", "shm", "nixl"):
+        raise ConfigError(f"unknown transport {opts.transport!r}; use tcp, shm or nixl")
+    if opts.transport == "nixl" and not nixl_available():
+        raise ConfigError("transport nixl needs NIXL: pip install --no-deps nixl-cu12 (UCX_TLS=tcp without RDMA)")
     if opts.repeats < 1:
         raise ConfigError("repeats must be >= 1")
     link = Link.parse(opts.kv_bandwidth, opts.kv_latency)
     sizes = [parse_size(s) for s in opts.sizes.split(",")]
     payloads = {str(n): KVPayload(torch.zeros(n // 2, dtype=torch.float16), 1) for n in sizes}  # fp16 "KV"
-    server = _ServerThread(payloads, link)
-    client = KVClient(secret="", timeout=3600)
+    # the decode side receives into KV-cache blocks: memory allocated (and touched) up front
+    dests = {n: torch.ones(n // 2 * 2, dtype=torch.uint8) for n in sizes}
+    nixl = opts.transport == "nixl"
+    server = _ServerThread(payloads, link, NixlAgent([p.data for p in payloads.values()]) if nixl else None)
+    client = KVClient(secret="", timeout=3600, nixl=NixlAgent(list(dests.values())) if nixl else None)
     rows = []
     try:
         for n in sizes:
             ref = _plain_socket(n, opts.repeats)
-            # the decode side receives into KV-cache blocks: memory allocated (and touched) up front
-            dest = [memoryview(torch.ones(n // 2 * 2, dtype=torch.uint8).numpy())]
+            dest = [memoryview(dests[n].numpy())]
             times = []
             for _ in range(opts.repeats):
                 t0 = time.perf_counter()
                 client.pull_blocking("127.0.0.1", server.port, str(n), release=False,
-                                     into=lambda shape, dtype, dest=dest: dest, shm=opts.transport == "shm")
+                                     into=lambda shape, dtype, dest=dest: dest, via=opts.transport)
                 times.append(time.perf_counter() - t0)
             n = n // 2 * 2
             rows.append({"bytes": n, "gbps": n / _pct(times, 50) / 1e9, "p50_ms": 1e3 * _pct(times, 50),

@@ -26,6 +26,7 @@ class WorkerMetrics:
         self.kv_bytes_sent = Counter("disagg_kv_bytes_sent", "KV bytes served to decode workers", registry=r)
         self.kv_bytes_received = Counter("disagg_kv_bytes_received", "KV bytes pulled from prefill workers",
                                          registry=r)
+        self.kv_pulls = Counter("disagg_kv_pulls", "KV pulls that succeeded, by transport", ["via"], registry=r)
         self.kv_pull_failures = Counter("disagg_kv_pull_failures", "KV pulls that failed (fell back to recompute)",
                                         registry=r)
         self.kv_lease_renewals = Counter("disagg_kv_lease_renewals", "Leases renewed by a decode worker that waits for "

@@ -4,6 +4,7 @@ Kept free of heavy imports: the CLI builds its flags from these classes at start
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 from disagg.cli_args import described as _help
@@ -13,7 +14,7 @@ from disagg.kv.netem import Link
 ROLES = ("both", "prefill", "decode")
 MODES = ("single", "replicated", "disaggregated")
 ARCHS = ("single", "replicated", "disaggregated", "single-all")
-KV_TRANSPORTS = ("tcp", "shm")
+KV_TRANSPORTS = ("tcp", "shm", "nixl")
 
 
 KV_CODECS = ("none", "fp16", "fp8", "int8", "int4")  # kv/codecs.py's, kept here so the CLI starts without torch
@@ -22,6 +23,8 @@ KV_CODECS = ("none", "fp16", "fp8", "int8", "int4")  # kv/codecs.py's, kept here
 def _check_transport(name: str, codec: str) -> None:
     if name not in KV_TRANSPORTS:
         raise ConfigError(f"kv_transport must be one of {', '.join(KV_TRANSPORTS)}, got {name!r}")
+    if name == "nixl" and not any(importlib.util.find_spec(m) for m in ("nixl", "nixl_cu12", "nixl_cu13")):
+        raise ConfigError("kv_transport nixl needs NIXL: pip install --no-deps nixl-cu12 (UCX_TLS=tcp without RDMA)")
     if codec not in KV_CODECS:
         raise ConfigError(f"kv_codec must be one of {', '.join(KV_CODECS)}, got {codec!r}")
 
@@ -37,8 +40,8 @@ class ServeOptions:
                                                              "DISAGG_KV_SECRET)"))
     kv_port: int = field(default=0, metadata=_help("KV port of a prefill worker (0: any free port)"))
     kv_lease: float = field(default=30.0, metadata=_help("seconds a prefill holds KV blocks for a decode worker"))
-    kv_transport: str = field(default="tcp", metadata=_help("how decode workers pull this prefill's KV: tcp, or shm "
-                                                               "(shared memory, same host)"))
+    kv_transport: str = field(default="tcp", metadata=_help("how decode workers pull this prefill's KV: tcp, "
+                                                               "shm (same host) or nixl (RDMA where present)"))
     kv_codec: str = field(default="none", metadata=_help("decode: ask prefill workers to compress KV on the wire "
                                                           "(none, fp16, fp8, int8, int4)"))
     kv_bandwidth: str | None = field(default=None, metadata=_help("emulate a link rate for KV sent, e.g. 10gbit"))
@@ -117,7 +120,7 @@ class UpOptions:
     port: int = field(default=8000, metadata=_help("the proxy's port, the cluster's endpoint"))
     stream_first_token: bool = field(default=True, metadata=_help("disaggregated: stream token 1 from prefill"))
     kv_lease: float = field(default=30.0, metadata=_help("seconds a prefill worker holds KV for decode"))
-    kv_transport: str = field(default="tcp", metadata=_help("tcp, or shm (shared memory between the workers)"))
+    kv_transport: str = field(default="tcp", metadata=_help("tcp, shm (shared memory between the workers) or nixl"))
     kv_codec: str = field(default="none", metadata=_help("KV wire codec: none, fp16, fp8, int8 or int4"))
     kv_bandwidth: str | None = field(default=None, metadata=_help("emulated KV link rate, e.g. 10gbit"))
     kv_latency: str | None = field(default=None, metadata=_help("emulated KV link one-way delay, e.g. 20us"))

@@ -39,7 +39,7 @@ class KVTransferParams(BaseModel):
     num_tokens: int | None = Field(default=None, ge=1)  # ours: prompt tokens the KV covers
     first_token_ids: list[int] | None = Field(default=None, max_length=16)  # ours: tokens already sampled
     kv_dtype: str | None = Field(default=None, max_length=16)  # ours: dtype of the held KV
-    kv_transport: Literal["tcp", "shm"] = "tcp"  # ours: how to pull it
+    kv_transport: Literal["tcp", "shm", "nixl"] = "tcp"  # ours: how to pull it
 
 
 class _Common(BaseModel):

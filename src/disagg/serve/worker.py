@@ -35,6 +35,7 @@ from disagg.engine.sampler import TokenLogprob
 from disagg.engine.sampling import SamplingParams
 from disagg.engine.sequence import Sequence
 from disagg.errors import DisaggError, ModelNotFoundError
+from disagg.kv import nixl
 from disagg.kv.block_hash import tokens_digest
 from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError, is_loopback
 from disagg.serve.metrics import WorkerMetrics
@@ -90,7 +91,10 @@ class Worker:
 
     async def _load(self) -> None:
         try:
-            self.engine = AsyncEngine(await asyncio.to_thread(LLMEngine, self.engine_config))
+            engine = await asyncio.to_thread(LLMEngine, self.engine_config)
+            if self.opts.kv_transport == "nixl" and self.opts.role != "decode":
+                self.kv_server.nixl = nixl.NixlAgent(engine.kv_cache.layers)
+            self.engine = AsyncEngine(engine)
             log.warning("worker ready: %s, role %s, http %s:%d, kv port %s (%s)", self.model_name, self.opts.role,
                         self.opts.host, self.opts.port, self.kv_port or "-", self.kv_server.link.describe())
         except BaseException as e:
@@ -204,10 +208,11 @@ class Worker:
             if kvp.kv_dtype and kvp.num_tokens and codec == "none" and await engine.call(  # coded KV is decoded
                     lambda e: e.can_receive_in_place(seq, kvp.num_tokens, kvp.kv_dtype)):
                 views = await self._reserve(engine, seq, kvp)
+            via = self._via(kvp)
             payload = await self.kv_client.pull(kvp.remote_host, kvp.remote_port, kvp.remote_request_id,
                                                 engine.engine.kv_cache.export_shape(-1),
                                                 into=(lambda shape, dtype: views) if views is not None else None,
-                                                shm=kvp.kv_transport == "shm" and is_loopback(kvp.remote_host),
+                                                via=via,
                                                 codec=codec)
             if payload.digest != tokens_digest(seq.token_ids[: payload.num_tokens]):
                 raise KVTransferError(f"KV from {kvp.remote_host} was computed from other tokens than this prompt")
@@ -222,7 +227,19 @@ class Worker:
                 self._tasks.append(asyncio.create_task(engine.call(lambda e: e.unreserve(rid))))
             raise
         self.metrics.kv_bytes_received.inc(payload.wire_bytes)
+        self.metrics.kv_pulls.labels(via).inc()
         return {"kv": ImportedKV(payload.data, payload.num_tokens, payload.digest), "first_token_ids": first}
+
+    def _via(self, kvp: Any) -> str:
+        """How to pull: as the prefill answer says, where this worker can (shared memory only on one
+        host; NIXL only with NIXL installed and no wire codec, falling back to the TCP port)."""
+        if kvp.kv_transport == "shm" and is_loopback(kvp.remote_host):
+            return "shm"
+        if kvp.kv_transport == "nixl" and self.opts.kv_codec == "none" and nixl.available():
+            if self.kv_client.nixl is None:
+                self.kv_client.nixl = nixl.NixlAgent(self.engine.engine.kv_cache.layers)
+            return "nixl"
+        return "tcp"
 
     async def _reserve(self, engine: AsyncEngine, seq: Sequence, kvp: Any) -> list[memoryview]:
         """Cache blocks to receive the KV into. While the cache is full the request waits here,
