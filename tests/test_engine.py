@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import make_engine
 from disagg.engine.llm_engine import ImportedKV
@@ -232,3 +233,22 @@ def test_block_views_are_the_export_bytes_in_order(smol):
     # a sender from views and a receiver into a tensor (or the reverse) must agree byte for byte
     assert b"".join(bytes(v) for v in views) == bytes(tensor_bytes(exported.data))
     assert smol.release("v")
+
+
+def test_layer_hook_sees_each_layer_once_as_the_last_chunk_passes_it_with_the_exported_bytes():
+    engine = make_engine(model="tiny", kv_cache_memory="16MiB", max_num_batched_tokens=32, max_num_seqs=4)
+    seen: list[tuple[int, bytes, int]] = []
+
+    def hook(i, views):
+        seen.append((i, b"".join(bytes(v) for v in views), engine.scheduler.running[0].num_computed_tokens))
+
+    prompt = list(range(1, 71))  # three chunks of a 32-token budget
+    engine.add_request("r", prompt, SamplingParams(max_tokens=1), hold_blocks=True, layer_hook=hook)
+    while engine.has_unfinished():
+        engine.step()
+    exported = engine.export_kv("r").data
+    layers = engine.model_config.num_layers
+    assert [i for i, _, _ in seen] == list(range(layers))
+    assert all(computed == 64 for _, _, computed in seen), "hooks ran before the last chunk"
+    # the views, taken as each layer finished, hold exactly what an export reads afterwards
+    assert b"".join(b for _, b, _ in seen) == exported.contiguous().view(-1).view(torch.uint8).numpy().tobytes()

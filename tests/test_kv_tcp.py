@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 import torch
+import xxhash
 
 from disagg.kv import nixl
 from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError
@@ -201,3 +202,46 @@ def test_nixl_reads_the_exact_bytes_into_registered_and_unregistered_memory():
     assert into.data is None
     assert torch.equal(cache, data)
     assert torch.equal(fresh.data, data)
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_a_pushed_kv_lands_in_the_reserved_memory_and_a_bad_checksum_fails_the_wait(corrupt):
+    from disagg.kv.framing import read_frame, send_frame
+    from disagg.kv.push import PushSlots
+
+    data = torch.randn(2, 2, 1, 3, 16, 4)
+    raw = data.view(-1).view(torch.uint8).numpy().tobytes()
+
+    async def main():
+        server = KVServer(None, None, push_slots=PushSlots(wait=5), push_check=lambda expected, meta: None)
+        port = await server.start("127.0.0.1", 0)
+        cache = torch.zeros_like(data)
+        waiting = asyncio.create_task(server.push_slots.expect(
+            "p1", None, [memoryview(cache.view(-1).view(torch.uint8).numpy())]))
+
+        def push(sock):
+            head = {"push_id": "p1", "num_tokens": 40, "digest": "", "shape": list(data.shape),
+                    "dtype": "float32", "nbytes": len(raw)}
+            send_frame(sock, {"op": "push", "request_id": "p1", **head})
+            assert read_frame(sock)["ok"]
+            sock.sendall(raw)
+            send_frame(sock, {"xxh3": xxhash.xxh3_64_intdigest(raw) ^ corrupt, "first_token_ids": [7]})
+            return read_frame(sock)
+
+        reply = await asyncio.to_thread(KVClient(secret="").session, "127.0.0.1", port, push)
+        try:
+            first = await waiting
+        except KVTransferError as e:
+            first = e
+        await server.close()
+        return reply, first, cache
+
+    reply, first, cache = run(main())
+    if corrupt:
+        assert not reply["ok"]
+        assert isinstance(first, KVTransferError)
+        assert "checksum" in str(first)
+    else:
+        assert reply["ok"]
+        assert first == [7]
+        assert torch.equal(cache, data)

@@ -284,3 +284,36 @@ def test_decode_with_a_wire_codec_gets_the_same_tokens_from_fewer_bytes(referenc
         assert metrics(decode)["disagg_kv_bytes_received_total"] == blocks * 16 * per_token
         assert metrics(prefill)["disagg_kv_bytes_sent_total"] == metrics(decode)["disagg_kv_bytes_received_total"]
         assert metrics(decode)["disagg_kv_pull_failures_total"] == 0
+
+
+def test_layer_wise_push_gives_the_same_tokens_and_frees_everything(reference):
+    with start("disaggregated", kv_push=True) as c:
+        decode = next(u for n, u in c.worker_urls().items() if n.startswith("decode"))
+        kw = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0, "extra_body": {"ignore_eos": True}}
+        whole = [client(c).completions.create(prompt=p, **kw).choices[0].text for p in PROMPTS]
+        streamed = ["".join(ch.choices[0].text for ch in client(c).completions.create(prompt=p, stream=True, **kw))
+                    for p in PROMPTS]
+        assert whole == reference
+        assert streamed == reference
+        assert metrics(decode)['disagg_kv_pulls_total{via="push"}'] == 2 * len(PROMPTS)
+        assert metrics(decode)["disagg_kv_pull_failures_total"] == 0
+        assert wait_until(lambda: all_blocks_free(c))
+        # a request prefill refuses must not leave decode waiting for a push, holding blocks
+        with pytest.raises(openai.BadRequestError):
+            client(c).completions.create(model=MODEL, prompt="hi " * 9000, max_tokens=4)
+        assert wait_until(lambda: all_blocks_free(c), timeout=5)
+
+
+def test_a_push_that_never_comes_does_not_keep_decode_blocks():
+    with start("disaggregated", kv_push=True) as c:
+        decode = next(u for n, u in c.worker_urls().items() if n.startswith("decode"))
+        victim = c.procs["prefill-0"]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        with pytest.raises(openai.APIStatusError) as err:
+            client(c).completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=4)
+        assert err.value.status_code == 502
+        # the decode request had reserved blocks for the push; the proxy's cancel frees them long
+        # before the 30 s wait would
+        assert wait_until(lambda: metrics(decode)["disagg_kv_blocks_used"] == 0, timeout=5)
+        assert metrics(decode)["disagg_kv_pull_failures_total"] == 1

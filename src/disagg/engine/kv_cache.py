@@ -38,10 +38,10 @@ class PagedKVCache:
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.layers[0].device)
         return torch.stack([layer.index_select(BLOCK_DIM - 1, idx) for layer in self.layers])
 
-    def block_views(self, block_ids: list[int]) -> list[memoryview]:
+    def block_views(self, block_ids: list[int], layers: range | None = None) -> list[memoryview]:
         """The memory of the given blocks as byte views, in export order (layer, K/V, head, block):
         a transport can send from them or receive into them with no copy. CPU caches only; a run
-        of consecutive blocks is one view per (layer, K/V, head)."""
+        of consecutive blocks is one view per (layer, K/V, head). `layers`: only those."""
         runs: list[tuple[int, int]] = []
         for b in block_ids:
             if runs and b == runs[-1][1]:
@@ -49,7 +49,7 @@ class PagedKVCache:
             else:
                 runs.append((b, b + 1))
         views = []
-        for layer in self.layers:
+        for layer in (self.layers[i] for i in (layers or range(len(self.layers)))):
             for kv in range(2):
                 for head in range(layer.shape[1]):
                     for lo, hi in runs:

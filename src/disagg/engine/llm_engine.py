@@ -10,6 +10,7 @@ for a decode worker to pull). Not thread-safe: one thread drives it (see async_e
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -140,14 +141,23 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | Seq[int] | Sequence,
                     params: SamplingParams | None = None, *, kv: ImportedKV | None = None,
-                    first_token_ids: Seq[int] = (), hold_blocks: bool = False) -> None:
+                    first_token_ids: Seq[int] = (), hold_blocks: bool = False,
+                    layer_hook: Callable[[int, list[memoryview]], None] | None = None) -> None:
         """Queue a request. `kv`: the prompt's KV computed elsewhere; `first_token_ids`: tokens
-        already sampled elsewhere (streamed by someone else, so not emitted again)."""
+        already sampled elsewhere (streamed by someone else, so not emitted again); `layer_hook(i,
+        views)`: called on the engine thread as the prompt's last chunk passes layer i, with the
+        byte views of that layer's prompt blocks (CPU caches; for streaming KV layer by layer)."""
         if request_id in self._requests or request_id in self.scheduler.held:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         seq = prompt if isinstance(prompt, Sequence) else self.make_sequence(request_id, prompt,
                                                                              params or SamplingParams())
         seq.hold_blocks = hold_blocks
+        if layer_hook is not None:
+            if self.device.type != "cpu":
+                raise InvalidRequestError("layer-wise KV streaming needs a CPU KV cache")
+            n_blocks = -(-seq.num_prompt_tokens // self.config.block_size)
+            seq.layer_hook = lambda i: layer_hook(i, self.kv_cache.block_views(seq.block_table[:n_blocks],
+                                                                               range(i, i + 1)))
         detok = IncrementalDetokenizer(self.tokenizer, seq.params)
         if first_token_ids:
             vocab = self.model_config.vocab_size

@@ -86,8 +86,11 @@ class ModelRunner:
         if not out.scheduled:
             return StepResult({}, {})
         input_ids, positions, meta, seqs, rows = self._prepare(out)
+        hooks = [s.layer_hook for s, n in out.scheduled
+                 if s.layer_hook is not None and s.num_computed_tokens + n >= s.num_prompt_tokens]
         logits = self.model(input_ids, positions, self.kv.layers, meta,
-                            torch.tensor(rows, dtype=torch.long, device=self.device))
+                            torch.tensor(rows, dtype=torch.long, device=self.device),
+                            after_layer=(lambda i: [h(i) for h in hooks]) if hooks else None)
         if not seqs:
             return StepResult({}, {})
         tokens, logprobs = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from disagg.engine.sampling import SamplingParams
@@ -30,6 +31,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache on admission
     num_imported_tokens: int = 0  # tokens whose KV arrives from another worker (counted as computed)
     hold_blocks: bool = False  # keep the blocks after finishing, until released (prefill role)
+    layer_hook: Callable[[int], None] | None = None  # called as the prompt's last chunk passes each layer
     finish_reason: str | None = None  # stop | length | abort
     stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)

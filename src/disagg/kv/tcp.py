@@ -43,10 +43,12 @@ from typing import Any
 import msgpack
 import torch
 
+from disagg.kv import push
 from disagg.kv.codecs import CODECS, decode, encode
 from disagg.kv.framing import CHUNK, KVTransferError, challenge_mac, checksum, read_frame, recv_exact, send_frame
 from disagg.kv.netem import Link
 from disagg.kv.nixl import NixlAgent, view_regions
+from disagg.kv.push import PushMeta, PushSlots
 from disagg.kv.shm import SHM_NAME, SegmentPool, SegmentReader
 
 MAX_PAYLOAD = 64 << 30
@@ -94,8 +96,10 @@ class KVServer:
     def __init__(self, export: Callable[[str], Awaitable[KVPayload]], release: Callable[[str], Awaitable[bool]],
                  secret: str | None = None, on_sent: Callable[[int], None] | None = None,
                  link: Link | None = None, renew: Callable[[str], Awaitable[float | None]] | None = None,
-                 nixl: NixlAgent | None = None) -> None:
+                 nixl: NixlAgent | None = None, push_slots: PushSlots | None = None,
+                 push_check: Callable[[Any, PushMeta], None] | None = None) -> None:
         self._export, self._release, self._secret = export, release, secret
+        self.push_slots, self._push_check = push_slots, push_check  # a decode worker receiving pushed KV
         self._renew = renew
         self.nixl = nixl  # set (also after start) to serve "via": "nixl"
         self._on_sent = on_sent or (lambda n: None)
@@ -135,8 +139,8 @@ class KVServer:
                 return
             threading.Thread(target=self._serve, args=(conn,), name="disagg-kv-conn", daemon=True).start()
 
-    def _call(self, coro: Awaitable[Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=60)
+    def _call(self, coro: Awaitable[Any], timeout: float | None = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout)
 
     def _serve(self, conn: socket.socket) -> None:
         with self._conns_lock:
@@ -166,6 +170,13 @@ class KVServer:
                             self._send(conn, rid, via=msg.get("via"), codec=codec)
                     elif op == "release":
                         send_frame(conn, {"ok": bool(self._call(self._release(rid)))})
+                    elif op == "push" and self.push_slots is not None:
+                        # bounded by the slots' own wait, which may exceed _call's default
+                        push.receive(conn, msg, lambda c: self._call(c, None), self.push_slots, self._push_check,
+                                     DTYPES)
+                    elif op == "cancel_push" and self.push_slots is not None:
+                        self._call(self._cancel(rid))
+                        send_frame(conn, {"ok": True})
                     elif op == "renew":
                         lease = self._call(self._renew(rid)) if self._renew is not None else None
                         send_frame(conn, {"ok": lease is not None, "lease_s": lease})
@@ -176,6 +187,9 @@ class KVServer:
             finally:
                 with self._conns_lock:
                     self._conns.discard(conn)
+
+    async def _cancel(self, push_id: str) -> None:
+        self.push_slots.fail(push_id, KVTransferError("the proxy cancelled the push"))
 
     def _send(self, conn: socket.socket, rid: str, via: Any = "tcp", codec: str = "none") -> None:
         if via == "nixl" and (self.nixl is None or codec != "none"):
@@ -270,6 +284,18 @@ class KVClient:
     async def release(self, host: str, port: int, request_id: str) -> bool:
         """Tell a KV server to free a request's held blocks without pulling them."""
         return await asyncio.to_thread(self._session, host, port, lambda s: self._release(s, request_id))
+
+    async def cancel_push(self, host: str, port: int, push_id: str) -> None:
+        """Tell a decode worker that the KV it waits for under `push_id` will not come."""
+        def cancel(sock: socket.socket) -> None:
+            send_frame(sock, {"op": "cancel_push", "request_id": push_id})
+            read_frame(sock)
+
+        await asyncio.to_thread(self._session, host, port, cancel)
+
+    def session(self, host: str, port: int, work: Callable[[socket.socket], Any]) -> Any:
+        """Run `work` on an authenticated connection to a KV port (kept for reuse afterwards)."""
+        return self._session(host, port, work)
 
     async def renew(self, host: str, port: int, request_id: str) -> float | None:
         """Ask a KV server to keep holding a request's blocks; the new lease in seconds, or None

@@ -9,6 +9,7 @@ one fused matmul. Logits are computed only for the rows the caller asks for.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -131,11 +132,15 @@ class LlamaModel(nn.Module):
         self.rotary = Rotary(config, max_positions or config.max_position_embeddings)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata, logits_rows: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T]; returns float32 logits [len(logits_rows), vocab]."""
+                meta: AttentionMetadata, logits_rows: torch.Tensor,
+                after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """input_ids, positions: [T]; returns float32 logits [len(logits_rows), vocab].
+        `after_layer(i)` runs once layer i has written its KV (layer-wise KV streaming)."""
         h = self.embed(input_ids)
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             h = layer(h, positions, self.rotary, cache, meta)
+            if after_layer is not None:
+                after_layer(i)
         h = self.norm(h[logits_rows])
         if self.lm_head is None:
             return F.linear(h, self.embed.weight).float()

@@ -118,6 +118,7 @@ def plan(opts: UpOptions, engine: EngineConfig) -> tuple[list[ProcSpec], ProcSpe
         for w in workers:
             proxy_argv += [f"--{w.role}", w.url]
         proxy_argv += ["--stream-first-token" if opts.stream_first_token else "--no-stream-first-token"]
+        proxy_argv += ["--kv-push" if opts.kv_push else "--no-kv-push"]
     else:
         proxy_argv += ["--mode", "single" if len(workers) == 1 else "replicated"]
         for w in workers:

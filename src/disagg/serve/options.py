@@ -90,6 +90,8 @@ class ProxyOptions:
     port: int = field(default=8000, metadata=_help("HTTP port"))
     stream_first_token: bool = field(default=True, metadata=_help("send token 1 from prefill at once and pass it "
                                                                   "to decode (off: decode recomputes it, as vLLM)"))
+    kv_push: bool = field(default=False, metadata=_help("disaggregated: pick the decode worker first and have "
+                                                        "prefill push the KV layer by layer as it computes"))
     timeout: float = field(default=600.0, metadata=_help("seconds to wait for a worker's answer"))
     log_level: str = field(default="warning", metadata=_help("uvicorn log level"))
 
@@ -119,6 +121,8 @@ class UpOptions:
     host: str = field(default="127.0.0.1", metadata=_help("bind address of the proxy and workers"))
     port: int = field(default=8000, metadata=_help("the proxy's port, the cluster's endpoint"))
     stream_first_token: bool = field(default=True, metadata=_help("disaggregated: stream token 1 from prefill"))
+    kv_push: bool = field(default=False, metadata=_help("disaggregated: prefill pushes KV layer by layer to a "
+                                                        "decode worker chosen up front (instead of decode pulling)"))
     kv_lease: float = field(default=30.0, metadata=_help("seconds a prefill worker holds KV for decode"))
     kv_transport: str = field(default="tcp", metadata=_help("tcp, shm (shared memory between the workers) or nixl"))
     kv_codec: str = field(default="none", metadata=_help("KV wire codec: none, fp16, fp8, int8 or int4"))

@@ -40,6 +40,12 @@ class KVTransferParams(BaseModel):
     first_token_ids: list[int] | None = Field(default=None, max_length=16)  # ours: tokens already sampled
     kv_dtype: str | None = Field(default=None, max_length=16)  # ours: dtype of the held KV
     kv_transport: Literal["tcp", "shm", "nixl"] = "tcp"  # ours: how to pull it
+    # ours, layer-wise push (kv/push.py): proxy -> prefill: push the KV to push_host:push_port as it is
+    # computed; proxy -> decode: wait for the KV pushed under push_id; prefill -> proxy: push_id echoed
+    # when the push started
+    push_id: str | None = Field(default=None, min_length=1, max_length=128)
+    push_host: str | None = Field(default=None, max_length=256)
+    push_port: int | None = Field(default=None, ge=1, le=65535)
 
 
 class _Common(BaseModel):

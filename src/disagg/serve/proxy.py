@@ -10,16 +10,21 @@
   the decode worker recomputes the last prompt position, as vLLM's does, and the proxy can front
   vLLM workers.
 
+With --kv-push the decode worker is chosen first and the prefill worker pushes the KV to it layer by
+layer while it computes (kv/push.py); token 1 still comes from prefill. If the push cannot start
+or fails, the decode request is cancelled or fails and the proxy falls back to the pull above.
+
 A worker that refuses connections is skipped for a few seconds and the request goes to the next
 one; a worker that dies mid-stream ends the client's stream with an error event, never a hang.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -46,6 +51,7 @@ class Proxy:
         self.policy = policy or RoundRobin()
         self.health = WorkerHealth()
         self.kv_client = KVClient()
+        self._kv_addresses: dict[str, tuple[str, int]] = {}  # decode URL -> its KV port, for pushes
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(opts.timeout, connect=5.0),
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
 
@@ -59,9 +65,11 @@ class Proxy:
 
     # ---- sending ----
 
-    async def _open(self, pool: str, path: str, body: dict[str, Any], stream: bool) -> tuple[str, httpx.Response]:
-        """Send to a worker of `pool`, moving on to the next one while connections are refused."""
-        workers = self.pools()[pool]
+    async def _open(self, pool: str, path: str, body: dict[str, Any], stream: bool,
+                    only: str | None = None) -> tuple[str, httpx.Response]:
+        """Send to a worker of `pool` (or just `only`), moving on to the next one while connections
+        are refused."""
+        workers = (only,) if only else self.pools()[pool]
         tried: set[str] = set()
         while True:
             candidates = [w for w in self.health.healthy(workers) if w not in tried] or [
@@ -115,6 +123,8 @@ class Proxy:
             return JSONResponse(error_body("request body must be a JSON object"), status_code=400)
         try:
             if self.opts.mode == "disaggregated" and body.get("max_tokens", body.get("max_completion_tokens")) != 1:
+                if self.opts.kv_push:
+                    return await self._two_phase_push(request, path, body)
                 return await self._two_phase(request, path, body)
             pool = "prefill" if self.opts.mode == "disaggregated" else "workers"
             return await self._forward(pool, path, body)
@@ -129,14 +139,24 @@ class Proxy:
         self.policy.on_complete(url, body)
         return Response(resp.content, media_type="application/json")
 
-    async def _two_phase(self, request: Request, path: str, body: dict[str, Any]) -> Response:
-        chat = path.endswith("chat/completions")
+    async def _prefill(self, path: str, body: dict[str, Any],
+                       kvp: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Phase one: token 1 and the prefill's kv_transfer_params (None when token 1 ended it)."""
         pre_body = {k: v for k, v in body.items() if k not in ("stream_options", "max_completion_tokens")}
-        pre_body |= {"max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True}}
+        pre_body |= {"max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True} | kvp}
         prefill_url, resp = await self._open("prefill", path, pre_body, stream=False)
         self.policy.on_complete(prefill_url, pre_body)
         pre = resp.json()
-        kvp = pre.pop("kv_transfer_params", None)
+        return pre, pre.pop("kv_transfer_params", None)
+
+    async def _two_phase(self, request: Request, path: str, body: dict[str, Any]) -> Response:
+        pre, kvp = await self._prefill(path, body, {})
+        return await self._decode_phase(request, path, body, pre, kvp)
+
+    async def _decode_phase(self, request: Request, path: str, body: dict[str, Any], pre: dict[str, Any],
+                            kvp: dict[str, Any] | None) -> Response:
+        """Phase two, pulling: the decode worker fetches the KV the prefill answer points to."""
+        chat = path.endswith("chat/completions")
         if kvp is None:  # token 1 already ended the request (a stop token): that is the answer
             return self._as_client_answer(pre, chat, bool(body.get("stream")), body)
         if await request.is_disconnected():
@@ -149,8 +169,9 @@ class Proxy:
         stream = bool(body.get("stream"))
         if stream and self.opts.stream_first_token:
             # token 1 goes out now; decode (KV pull included) runs while the client reads it
-            return StreamingResponse(self._first_then_decode(path, dec_body, kvp, _first_chunk(pre, first_text, chat)),
-                                     media_type="text/event-stream")
+            return StreamingResponse(self._first_then_decode(
+                lambda: self._open("decode", path, dec_body, stream=True), dec_body, kvp,
+                _first_chunk(pre, first_text, chat)), media_type="text/event-stream")
         try:
             decode_url, dresp = await self._open("decode", path, dec_body, stream)
         except UpstreamError:
@@ -164,11 +185,74 @@ class Proxy:
             _prepend_text(answer, first_text, chat)
         return JSONResponse(answer)
 
-    async def _first_then_decode(self, path: str, dec_body: dict[str, Any], kvp: dict[str, Any],
+    async def _two_phase_push(self, request: Request, path: str, body: dict[str, Any]) -> Response:
+        """Decode worker first, waiting for a push; then prefill, pushing to it as it computes."""
+        decodes = self.opts.decode
+        decode_url = self.policy.select("decode", self.health.healthy(decodes) or list(decodes), body)
+        try:
+            host, port = await self._kv_address(decode_url)
+        except (httpx.HTTPError, KeyError, TypeError, ValueError) as e:
+            log.warning("no KV port known for %s (%r); pulling instead", decode_url, e)
+            return await self._two_phase(request, path, body)
+        push_id = new_id("push")
+        stream = bool(body.get("stream"))
+        dec_body = body | {"kv_transfer_params": {"do_remote_prefill": True, "push_id": push_id}}
+        waiting = asyncio.create_task(self._open("decode", path, dec_body, stream, only=decode_url))
+        try:
+            pre, kvp = await self._prefill(path, body, {"push_id": push_id, "push_host": host, "push_port": port})
+        except BaseException:
+            await self._cancel_push(host, port, push_id, waiting)
+            raise
+        if kvp is None or kvp.get("push_id") != push_id:  # no push started: decode must not wait for one
+            await self._cancel_push(host, port, push_id, waiting)
+            return await self._decode_phase(request, path, body, pre, kvp)
+        chat = path.endswith("chat/completions")
+        pull_body = body | {"kv_transfer_params": kvp}
+
+        async def decoded() -> tuple[str, httpx.Response]:
+            try:
+                return await waiting
+            except UpstreamError as e:
+                log.warning("KV push to %s failed (%s); pulling instead", decode_url, e)
+                return await self._open("decode", path, pull_body, stream)
+
+        if await request.is_disconnected():
+            await self._cancel_push(host, port, push_id, waiting)
+            await self._release(kvp)
+            return Response(status_code=499)
+        first_text = _choice_text(pre, chat)
+        if stream:
+            return StreamingResponse(self._first_then_decode(decoded, dec_body, kvp,
+                                                             _first_chunk(pre, first_text, chat)),
+                                     media_type="text/event-stream")
+        try:
+            decode_url, dresp = await decoded()
+        except UpstreamError:
+            await self._release(kvp)
+            raise
+        self.policy.on_complete(decode_url, dec_body)
+        answer = dresp.json()
+        _prepend_text(answer, first_text, chat)
+        return JSONResponse(answer)
+
+    async def _kv_address(self, url: str) -> tuple[str, int]:
+        if url not in self._kv_addresses:
+            health = (await self.client.get(url + "/health", timeout=5)).json()
+            self._kv_addresses[url] = (str(health["kv_host"]), int(health["kv_port"]))
+        return self._kv_addresses[url]
+
+    async def _cancel_push(self, host: str, port: int, push_id: str, waiting: asyncio.Task[Any]) -> None:
+        with contextlib.suppress(KVTransferError):
+            await self.kv_client.cancel_push(host, port, push_id)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+
+    async def _first_then_decode(self, open_decode: Callable[[], Awaitable[tuple[str, httpx.Response]]],
+                                 dec_body: dict[str, Any], kvp: dict[str, Any],
                                  first: dict[str, Any]) -> AsyncIterator[bytes]:
         yield sse(first)
         try:
-            decode_url, dresp = await self._open("decode", path, dec_body, stream=True)
+            decode_url, dresp = await open_decode()
         except UpstreamError as e:
             await self._release(kvp)
             yield sse(e.body)

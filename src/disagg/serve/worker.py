@@ -7,6 +7,11 @@
   (waiting, and renewing the prefill's lease, while the cache is full), pulls the blocks into
   them, tells the prefill side to release them, and continues; if the pull fails it recomputes.
 
+Layer-wise push (kv/push.py): a prefill request that names push_host/push_port/push_id streams
+the KV to that decode worker's KV port layer by layer as it computes; the decode request with
+that push_id reserves blocks and waits for it. A failed push fails the decode request (the proxy
+then pulls), never silently.
+
 Any role serves ordinary requests too. /health is 503 until the model has loaded.
 """
 
@@ -16,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import time
 import uuid
@@ -37,6 +43,7 @@ from disagg.engine.sequence import Sequence
 from disagg.errors import DisaggError, ModelNotFoundError
 from disagg.kv import nixl
 from disagg.kv.block_hash import tokens_digest
+from disagg.kv.push import Pusher, PushMeta, PushSlots
 from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError, is_loopback
 from disagg.serve.metrics import WorkerMetrics
 from disagg.serve.options import ServeOptions
@@ -72,14 +79,15 @@ class Worker:
         self.kv_server = KVServer(self._export, self._release, secret=secret, on_sent=self.metrics.kv_bytes_sent.inc,
                                   link=opts.link(), renew=self._renew)
         self.kv_client = KVClient(secret=secret)
+        self.kv_server.push_slots = PushSlots(wait=opts.kv_lease)
+        self.kv_server._push_check = self._check_push
         self.kv_port = 0
         self._tasks: list[asyncio.Task[Any]] = []
 
     # ---- lifecycle ----
 
     async def start(self) -> None:
-        if self.opts.role != "decode":
-            self.kv_port = await self.kv_server.start(self.opts.kv_host, self.opts.kv_port)
+        self.kv_port = await self.kv_server.start(self.opts.kv_host, self.opts.kv_port)  # decode: for pushes
         self._tasks = [asyncio.create_task(self._load()), asyncio.create_task(self._expire_leases())]
 
     async def stop(self) -> None:
@@ -156,15 +164,26 @@ class Worker:
         rid = new_id("chatcmpl" if chat else "cmpl")
         kvp = req.kv_transfer_params
         add: dict[str, Any] = {}
+        pusher = None
         if kvp is not None and kvp.do_remote_decode:
             params = dataclasses.replace(params, max_tokens=1)
             add["hold_blocks"] = True
+            if kvp.push_id and kvp.push_host and kvp.push_port:
+                prompt = engine.engine.make_sequence(rid, prompt, params)
+                pusher = self._pusher(engine, kvp, prompt)
+                if pusher is not None:
+                    add["layer_hook"] = pusher.layer_done
         elif kvp is not None and kvp.do_remote_prefill:
             prompt = engine.engine.make_sequence(rid, prompt, params)
-            add = await self._pull(engine, kvp, prompt)
+            add = await (self._await_push(engine, kvp, prompt) if kvp.push_id else self._pull(engine, kvp, prompt))
         t0 = time.perf_counter()
         stream = engine.generate(prompt, params, request_id=rid, **add)
-        first = await anext(stream)  # bad input raises here, before any byte is sent
+        try:
+            first = await anext(stream)  # bad input raises here, before any byte is sent
+        except BaseException:
+            if pusher is not None:
+                pusher.abort()
+            raise
         fmt = _Formatter(engine.engine, rid, self.model_name, chat, params)
         if req.stream:
             return StreamingResponse(self._sse(fmt, first, stream, t0, req.include_usage),
@@ -172,6 +191,13 @@ class Worker:
         outs = [first] + [o async for o in stream]
         self._record(outs[-1], t0, fmt.first_time)
         extra = await self._after_prefill(engine, rid, outs) if add.get("hold_blocks") else None
+        if pusher is not None:
+            if extra is None:  # token 1 ended the request: nothing to push
+                pusher.abort()
+            else:
+                pusher.finish(extra["first_token_ids"])
+                extra["push_id"] = kvp.push_id
+                self._tasks.append(asyncio.create_task(self._after_push(pusher, rid)))
         return JSONResponse(fmt.whole(outs, kv_transfer_params=extra))
 
     async def _after_prefill(self, engine: AsyncEngine, rid: str, outs: list[RequestOutput]) -> dict[str, Any] | None:
@@ -207,7 +233,7 @@ class Worker:
         try:
             if kvp.kv_dtype and kvp.num_tokens and codec == "none" and await engine.call(  # coded KV is decoded
                     lambda e: e.can_receive_in_place(seq, kvp.num_tokens, kvp.kv_dtype)):
-                views = await self._reserve(engine, seq, kvp)
+                views = await self._reserve(engine, seq, kvp.num_tokens, kvp.kv_dtype, kvp)
             via = self._via(kvp)
             payload = await self.kv_client.pull(kvp.remote_host, kvp.remote_port, kvp.remote_request_id,
                                                 engine.engine.kv_cache.export_shape(-1),
@@ -230,6 +256,60 @@ class Worker:
         self.metrics.kv_pulls.labels(via).inc()
         return {"kv": ImportedKV(payload.data, payload.num_tokens, payload.digest), "first_token_ids": first}
 
+    def _pusher(self, engine: AsyncEngine, kvp: Any, seq: Sequence) -> Pusher | None:
+        """A pusher for this prefill's KV, or None where pushing cannot work (the decode side then
+        waits in vain until the proxy, seeing no push_id echoed, cancels it and pulls instead)."""
+        if engine.engine.device.type != "cpu":
+            return None
+        if not is_loopback(kvp.push_host) and not self.kv_client.has_secret:
+            log.warning("refusing to push KV to %s without DISAGG_KV_SECRET", kvp.push_host)
+            return None
+        e = engine.engine
+        n = seq.num_prompt_tokens
+        shape = e.kv_cache.export_shape(-(-n // e.config.block_size))
+        head = {"push_id": kvp.push_id, "num_tokens": n, "digest": tokens_digest(seq.token_ids[:n]),
+                "shape": list(shape), "dtype": e.dtype_name, "nbytes": math.prod(shape) * e.dtype.itemsize}
+        return Pusher(self.kv_client.session, kvp.push_host, kvp.push_port, head, e.model_config.num_layers,
+                      self.kv_server.link)
+
+    async def _after_push(self, pusher: Pusher, rid: str) -> None:
+        """A confirmed push frees the held blocks at once; a failed one leaves them under the lease
+        for the proxy's fallback pull."""
+        try:
+            sent = await asyncio.wrap_future(pusher.result)
+        except KVTransferError as e:
+            log.warning("KV push for %s failed: %s; its KV stays held for a pull", rid, e)
+            return
+        self.metrics.kv_bytes_sent.inc(sent)
+        await self._release(rid)
+
+    async def _await_push(self, engine: AsyncEngine, kvp: Any, seq: Sequence) -> dict[str, Any]:
+        """Reserve blocks for the whole prompt's KV and wait for a prefill worker to push it."""
+        n, rid = seq.num_prompt_tokens, seq.request_id
+        dtype = engine.engine.dtype_name
+        if not await engine.call(lambda e: e.can_receive_in_place(seq, n, dtype)):
+            raise KVPushError("this decode worker cannot receive pushed KV (GPU cache, or the prompt does not fit)")
+        views = await self._reserve(engine, seq, n, dtype)
+        digest = tokens_digest(seq.token_ids[:n])
+        expected = (n, digest, engine.engine.kv_cache.export_shape(-(-n // engine.engine.config.block_size)), dtype)
+        try:
+            first = await self.kv_server.push_slots.expect(kvp.push_id, expected, views)
+        except BaseException as e:
+            await engine.call(lambda e: e.unreserve(rid))
+            if isinstance(e, KVTransferError):
+                self.metrics.kv_pull_failures.inc()
+                raise KVPushError(f"pushed KV did not arrive: {e}") from e
+            raise
+        self.metrics.kv_bytes_received.inc(sum(v.nbytes for v in views))
+        self.metrics.kv_pulls.labels("push").inc()
+        return {"kv": ImportedKV(None, n, digest), "first_token_ids": tuple(first)}
+
+    @staticmethod
+    def _check_push(expected: Any, meta: PushMeta) -> None:
+        n, digest, shape, dtype = expected
+        if (meta.num_tokens, meta.digest, meta.shape, meta.dtype) != (n, digest, tuple(shape), dtype):
+            raise KVTransferError("pushed KV does not match the waiting request (tokens, shape or dtype)")
+
     def _via(self, kvp: Any) -> str:
         """How to pull: as the prefill answer says, where this worker can (shared memory only on one
         host; NIXL only with NIXL installed and no wire codec, falling back to the TCP port)."""
@@ -241,14 +321,16 @@ class Worker:
             return "nixl"
         return "tcp"
 
-    async def _reserve(self, engine: AsyncEngine, seq: Sequence, kvp: Any) -> list[memoryview]:
-        """Cache blocks to receive the KV into. While the cache is full the request waits here,
-        renewing the prefill's lease (at a third of its length) so the KV outlives the wait: the
-        alternative, pulling into memory outside the cache, would let a queue grow without bound."""
+    async def _reserve(self, engine: AsyncEngine, seq: Sequence, n: int, dtype: str,
+                       held: Any = None) -> list[memoryview]:
+        """Cache blocks to receive `n` tokens of KV into. While the cache is full the request waits
+        here, renewing the lease of the KV `held` by a prefill worker (at a third of its length) so
+        it outlives the wait: the alternative, pulling into memory outside the cache, would let a
+        queue grow without bound."""
         next_renewal = time.monotonic()
-        while (views := await engine.call(lambda e: e.reserve_kv(seq, kvp.num_tokens, kvp.kv_dtype))) is None:
-            if time.monotonic() >= next_renewal:
-                lease = await self.kv_client.renew(kvp.remote_host, kvp.remote_port, kvp.remote_request_id)
+        while (views := await engine.call(lambda e: e.reserve_kv(seq, n, dtype))) is None:
+            if held is not None and time.monotonic() >= next_renewal:
+                lease = await self.kv_client.renew(held.remote_host, held.remote_port, held.remote_request_id)
                 if lease is None:
                     raise KVTransferError("the prefill worker no longer holds the KV this request waited for")
                 next_renewal = time.monotonic() + lease / 3
@@ -281,6 +363,11 @@ class Worker:
             m.ttft.observe(first_time - t0)
             if last.num_output_tokens > 1:
                 m.tpot.observe((time.perf_counter() - first_time) / (last.num_output_tokens - 1))
+
+
+class KVPushError(DisaggError):
+    http_status = 503
+    error_type = "kv_push_failed"
 
 
 class EngineNotReady(DisaggError):
@@ -389,7 +476,8 @@ def create_app(worker: Worker) -> FastAPI:
             worker.ready_engine()
         except EngineNotReady as e:
             return error_response(503, str(e), "service_unavailable")
-        return JSONResponse({"status": "ok", "role": worker.opts.role, "kv_port": worker.kv_port,
+        return JSONResponse({"status": "ok", "role": worker.opts.role, "kv_host": worker.opts.kv_host,
+                             "kv_port": worker.kv_port,
                              "kv_link": worker.kv_server.link.describe()})
 
     @app.get("/v1/models")
