@@ -86,25 +86,35 @@ def test_binding_beyond_loopback_needs_a_secret():
     run(main())
 
 
-def test_shared_memory_pull_is_exact_and_leaves_no_segment():
+@pytest.mark.parametrize("in_arena", [False, True])
+def test_shared_memory_pull_is_exact_and_leaves_no_file(in_arena):
     import os
+
+    from disagg.kv.shm import SharedMemory
 
     async def main():
         data = torch.randn(2, 2, 2, 64, 16, 64)  # 2 MiB: more than one chunk
+        arena = None
+        if in_arena:  # the payload lives in shared memory already, as a shm prefill's KV cache does
+            arena = SharedMemory(data.numel() * 4 + 4096)
+            placed = arena.tensor()[4096:].view(torch.float32).view(data.shape)
+            placed.copy_(data)
+            data = placed
         server, port, _, _ = await _serve(data=data)
+        server.arena = arena
         client = KVClient(secret="")
         got = await client.pull("127.0.0.1", port, "r1", via="shm", release=False)
         dest = [memoryview(bytearray(data.numel() * 4))]
         again = await client.pull("127.0.0.1", port, "r1", via="shm", into=lambda shape, dtype: dest)
         await server.close()
-        return data, got, again, dest
+        return data.clone(), got, again, dest
 
-    before = {f for f in os.listdir("/dev/shm") if f.startswith("disagg-kv-")}
+    before = set(os.listdir("/dev/shm"))
     data, got, again, dest = run(main())
     assert torch.equal(got.data, data)
     assert again.data is None
     assert torch.equal(torch.frombuffer(dest[0], dtype=torch.float32).reshape(data.shape), data)
-    assert {f for f in os.listdir("/dev/shm") if f.startswith("disagg-kv-")} == before
+    assert set(os.listdir("/dev/shm")) == before
 
 
 def test_shared_memory_is_refused_across_hosts():

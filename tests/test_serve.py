@@ -152,14 +152,16 @@ def test_client_disconnect_aborts_on_every_worker(cluster):
 
 @pytest.mark.parametrize("transport", ["tcp", "shm", pytest.param("nixl", marks=pytest.mark.skipif(
     not nixl.available(), reason="NIXL is not installed (pip install --no-deps nixl-cu12)"))])
-def test_disaggregated_kv_bytes_match_the_size_formula(transport):
+def test_disaggregated_kv_bytes_match_the_size_formula(transport, reference):
     with start("disaggregated", kv_transport=transport) as c:
         decode = next(u for n, u in c.worker_urls().items() if n.startswith("decode"))
         prefill = next(u for n, u in c.worker_urls().items() if n.startswith("prefill"))
         per_token = kv_bytes_per_token(PRESETS[MODEL].config, "fp32")
-        for prompt in PROMPTS:
+        for prompt, expected in zip(PROMPTS, reference, strict=True):
             before = metrics(decode)["disagg_kv_bytes_received_total"]
-            r = client(c).completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0)
+            r = client(c).completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                             extra_body={"ignore_eos": True})
+            assert r.choices[0].text == expected
             n = r.usage.prompt_tokens
             blocks = -(-n // 16)  # whole blocks move, as in vLLM
             assert metrics(decode)["disagg_kv_bytes_received_total"] - before == blocks * 16 * per_token

@@ -8,9 +8,12 @@ Head-major, so that one head's K over a run of consecutive blocks is a single ma
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from disagg.kv.layout import kv_bytes_per_token
+from disagg.kv.shm import SharedMemory
 from disagg.model.config import ModelConfig
 
 BLOCK_DIM = 3  # the block axis of an export
@@ -18,12 +21,19 @@ BLOCK_DIM = 3  # the block axis of an export
 
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, shared: bool = False) -> None:
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         shape = (2, config.num_kv_heads, num_blocks, block_size, config.head_dim)
-        # empty, not zeros: attention reads exactly each sequence's written slots, never past them,
-        # and zeroing gigabytes up front would cost seconds of start-up.
-        self.layers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.arena: SharedMemory | None = None
+        if shared and device.type == "cpu":  # in shared memory, for same-host transfers in one copy
+            n = math.prod(shape)
+            self.arena = SharedMemory(config.num_layers * n * dtype.itemsize)
+            flat = self.arena.tensor().view(dtype)
+            self.layers = [flat[i * n : (i + 1) * n].view(shape) for i in range(config.num_layers)]
+        else:
+            # empty, not zeros: attention reads exactly each sequence's written slots, never past
+            # them, and zeroing gigabytes up front would cost seconds of start-up.
+            self.layers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -70,7 +70,9 @@ class Completion:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, shared_kv_cache: bool = False) -> None:
+        """`shared_kv_cache`: put a CPU KV cache in shared memory (kv/shm.py), so that a decode
+        worker on the same host copies blocks straight out of it."""
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -96,7 +98,7 @@ class LLMEngine:
 
         model = load_model(source, dtype=self.dtype, device=self.device, max_positions=self.max_model_len,
                            seed=config.seed)
-        self.kv_cache = PagedKVCache(self.model_config, num_blocks, bs, self.dtype, self.device)
+        self.kv_cache = PagedKVCache(self.model_config, num_blocks, bs, self.dtype, self.device, shared_kv_cache)
         self.model_id = f"{self.model_config.name}/{self.dtype}".replace("torch.", "")
         self.block_manager = BlockManager(num_blocks, bs, self.model_id, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)

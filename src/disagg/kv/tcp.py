@@ -12,10 +12,11 @@ Never pickle. A session:
     client -> {"op": "renew", "request_id": id}     a decode still waiting for cache blocks
     server -> {"ok": True, "lease_s": seconds}
 
-With "via": "shm" the bytes go through a shared-memory segment (kv/shm.py) and the header names
-it; with "via": "nixl" the header carries the server's NIXL agent metadata and memory regions and
-the client READs them (kv/nixl.py). Either way the client answers {"op": "done"} when it has the
-bytes, so the server knows the memory is free to reuse.
+With "via": "shm" the header gives shared memory to copy from (kv/shm.py): the server's KV
+cache itself when it lives there, else a segment the server filled. With "via": "nixl" it
+carries the server's NIXL agent metadata and memory regions, and the client READs them
+(kv/nixl.py). Either way the client answers {"op": "done"} when it has the bytes, so the server
+knows the memory is free to reuse.
 
 The payload moves with blocking sockets on worker threads: `sendall` straight from the exported
 tensor's memory, `recv_into` straight into the tensor the decode side imports, so no Python object
@@ -49,7 +50,7 @@ from disagg.kv.framing import CHUNK, KVTransferError, challenge_mac, checksum, r
 from disagg.kv.netem import Link
 from disagg.kv.nixl import NixlAgent, view_regions
 from disagg.kv.push import PushMeta, PushSlots
-from disagg.kv.shm import SHM_NAME, SegmentPool, SegmentReader
+from disagg.kv.shm import SegmentPool, SegmentReader, SharedMemory, check_address
 
 MAX_PAYLOAD = 64 << 30
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -108,6 +109,7 @@ class KVServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = threading.Event()
         self._segments = SegmentPool()
+        self.arena: SharedMemory | None = None  # shared memory holding the KV cache, if it does
         self._conns: set[socket.socket] = set()  # open sessions, closed with the server
         self._conns_lock = threading.Lock()
 
@@ -211,10 +213,18 @@ class KVServer:
         head = {"ok": True, "num_tokens": payload.num_tokens, "digest": payload.digest, "shape": list(shape),
                 "dtype": str(dtype).removeprefix("torch."), "nbytes": nbytes, "codec": codec, "parts": parts_meta}
         if via == "shm":
-            with self._segments.lend(nbytes) as seg:
-                crc = seg.fill(views)
-                send_frame(conn, head | {"shm": seg.name, "xxh3": crc})
-                read_frame(conn)  # the reader says when it is done; the segment goes with this block
+            regions = self.arena.regions(views) if self.arena is not None else None
+            if regions is not None:  # straight out of the cache: the reader makes the only copy
+                crc = checksum()
+                for view in views:
+                    crc.update(view)
+                send_frame(conn, head | {"shm": self.arena.address(), "regions": regions, "xxh3": crc.intdigest()})
+                read_frame(conn)  # the reader says when it is done
+            else:
+                with self._segments.lend(nbytes) as seg:
+                    crc = seg.fill(views)
+                    send_frame(conn, head | {"shm": seg.address(), "regions": [[0, nbytes]], "xxh3": crc})
+                    read_frame(conn)  # the segment is lent until the reader is done
             self._on_sent(nbytes)
             return
         if via == "nixl":
@@ -330,11 +340,8 @@ class KVClient:
             elif sum(v.nbytes for v in views) != head["nbytes"]:
                 raise KVTransferError("KV payload does not fit the memory given for it")
             if via == "shm":
-                name = head.get("shm")
-                if not isinstance(name, str) or not SHM_NAME.fullmatch(name):
-                    raise KVTransferError("malformed shared-memory name")
                 try:
-                    crc = self._segments.read_into(name, views)
+                    crc = self._segments.read_into(check_address(head.get("shm")), head.get("regions"), views)
                 finally:
                     send_frame(sock, {"op": "done"})
                 expected_crc = head.get("xxh3")

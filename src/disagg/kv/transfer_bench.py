@@ -20,6 +20,7 @@ from disagg.kv.netem import Link
 from disagg.kv.nixl import NixlAgent
 from disagg.kv.nixl import available as nixl_available
 from disagg.kv.options import TransferBenchOptions
+from disagg.kv.shm import SharedMemory
 from disagg.kv.tcp import KVClient, KVPayload, KVServer
 
 
@@ -121,11 +122,22 @@ def run(opts: TransferBenchOptions) -> list[dict[str, float]]:
         raise ConfigError("repeats must be >= 1")
     link = Link.parse(opts.kv_bandwidth, opts.kv_latency)
     sizes = [parse_size(s) for s in opts.sizes.split(",")]
-    payloads = {str(n): KVPayload(torch.zeros(n // 2, dtype=torch.float16), 1) for n in sizes}  # fp16 "KV"
+    arena = None
+    if opts.transport == "shm":  # as a shm prefill worker's KV cache, the payloads live in shared memory
+        arena = SharedMemory(sum(n // 2 * 2 for n in sizes))
+        flat, off, data = arena.tensor().view(torch.float16), 0, {}
+        for n in sizes:
+            data[n] = flat[off : off + n // 2]
+            data[n].zero_()
+            off += n // 2
+    else:
+        data = {n: torch.zeros(n // 2, dtype=torch.float16) for n in sizes}
+    payloads = {str(n): KVPayload(data[n], 1) for n in sizes}  # fp16 "KV"
     # the decode side receives into KV-cache blocks: memory allocated (and touched) up front
     dests = {n: torch.ones(n // 2 * 2, dtype=torch.uint8) for n in sizes}
     nixl = opts.transport == "nixl"
     server = _ServerThread(payloads, link, NixlAgent([p.data for p in payloads.values()]) if nixl else None)
+    server.server.arena = arena
     client = KVClient(secret="", timeout=3600, nixl=NixlAgent(list(dests.values())) if nixl else None)
     rows = []
     try:

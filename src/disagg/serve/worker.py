@@ -99,7 +99,9 @@ class Worker:
 
     async def _load(self) -> None:
         try:
-            engine = await asyncio.to_thread(LLMEngine, self.engine_config)
+            engine = await asyncio.to_thread(LLMEngine, self.engine_config,
+                                             self.opts.kv_transport == "shm" and self.opts.role != "decode")
+            self.kv_server.arena = engine.kv_cache.arena
             if self.opts.kv_transport == "nixl" and self.opts.role != "decode":
                 self.kv_server.nixl = nixl.NixlAgent(engine.kv_cache.layers)
             self.engine = AsyncEngine(engine)

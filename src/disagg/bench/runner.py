@@ -1,0 +1,78 @@
+"""Drives a workload against a server: closed loop at a concurrency, or open loop at a request
+rate with gamma-distributed gaps (Poisson at burstiness 1, burstier below 1, steadier above).
+
+Warm-up requests go first and are not recorded. Multi-turn sessions run turn after turn on one
+client; a turn's prompt is the session's history (earlier prompts and stand-ins for the answers,
+random tokens of the answers' lengths: the OpenAI API does not return token ids) plus new tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from disagg.bench.client import BenchClient
+from disagg.bench.metrics import RequestRecord
+from disagg.bench.workloads import Session
+
+
+@dataclass(frozen=True)
+class Load:
+    concurrency: int | None = None  # closed loop
+    request_rate: float | None = None  # open loop, sessions per second
+    burstiness: float = 1.0
+    max_concurrency: int | None = None  # cap on in-flight sessions in open loop
+    seed: int = 0
+
+
+async def _run_session(client: BenchClient, session: Session, rng: random.Random, records: list[RequestRecord],
+                       on_done: Callable[[], None]) -> None:
+    history: list[int] = []
+    for turn in session.turns:
+        prompt = history + list(turn.new_tokens)
+        rec, _ = await client.send(prompt, turn.max_tokens)
+        records.append(rec)
+        on_done()
+        if not rec.ok:
+            return
+        history = prompt + [rng.randrange(1000, 20000) for _ in range(rec.output_tokens)]
+
+
+async def run_load(client: BenchClient, sessions: list[Session], load: Load, warmup: list[Session] = (),
+                   on_done: Callable[[], None] = lambda: None) -> tuple[list[RequestRecord], float]:
+    """Returns the records of `sessions` and the run's duration in seconds (warm-up excluded)."""
+    rng = random.Random(load.seed)
+    if warmup:
+        scratch: list[RequestRecord] = []
+        await asyncio.gather(*(_run_session(client, s, rng, scratch, lambda: None) for s in warmup))
+    records: list[RequestRecord] = []
+    start = client.now()
+    if load.request_rate is None:
+        queue = list(reversed(sessions))
+
+        async def worker() -> None:
+            while queue:
+                await _run_session(client, queue.pop(), rng, records, on_done)
+
+        await asyncio.gather(*(worker() for _ in range(max(1, load.concurrency or 1))))
+    else:
+        gate = asyncio.Semaphore(load.max_concurrency or len(sessions))
+
+        async def gated(s: Session) -> None:
+            async with gate:
+                await _run_session(client, s, rng, records, on_done)
+
+        tasks = []
+        for s in sessions:
+            tasks.append(asyncio.create_task(gated(s)))
+            if load.request_rate > 0 and not isinf(load.request_rate):
+                shape = load.burstiness
+                await asyncio.sleep(rng.gammavariate(shape, 1.0 / (load.request_rate * shape)))
+        await asyncio.gather(*tasks)
+    return records, client.now() - start
+
+
+def isinf(x: float) -> bool:
+    return x == float("inf")
