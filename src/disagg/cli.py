@@ -192,6 +192,24 @@ def _cmd_transfer_bench(args: argparse.Namespace) -> int:
     return main(config_from_args(TransferBenchOptions, args))
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from disagg.bench.bench import main
+    from disagg.bench.options import BenchOptions, LoadOptions
+    from disagg.cli_args import config_from_args
+
+    return main(config_from_args(BenchOptions, args), config_from_args(LoadOptions, args))
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from disagg.bench.compare import main
+    from disagg.bench.options import CompareOptions, LoadOptions
+    from disagg.cli_args import config_from_args
+    from disagg.engine.config import EngineConfig
+
+    return main(config_from_args(CompareOptions, args), config_from_args(LoadOptions, args),
+                config_from_args(EngineConfig, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from disagg import __version__
     from disagg.cli_args import add_config_args
@@ -202,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"disagg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from disagg.bench.options import BenchOptions, CompareOptions, LoadOptions
     from disagg.kv.options import TransferBenchOptions
     from disagg.serve.options import ProxyOptions, ServeOptions, UpOptions
 
@@ -219,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
          _cmd_kv_size),
         ("transfer-bench", "KV transfer GB/s and latency per size, next to a plain socket", (TransferBenchOptions,),
          _cmd_transfer_bench),
+        ("bench", "load any OpenAI-compatible server and report TTFT, TPOT, ITL, throughput and goodput",
+         (BenchOptions, LoadOptions), _cmd_bench),
+        ("compare", "run single, replicated and disaggregated on one budget, the same sweep on each; report",
+         (CompareOptions, LoadOptions, EngineConfig), _cmd_compare),
     ]
     for name, text, configs, func in commands:
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")

@@ -487,7 +487,8 @@ def create_app(worker: Worker) -> FastAPI:
         engine = worker.engine
         return {"object": "list", "data": [{
             "id": worker.model_name, "object": "model", "created": now(), "owned_by": "disagg",
-            "max_model_len": engine.engine.max_model_len if engine else None}]}
+            "max_model_len": engine.engine.max_model_len if engine else None,
+            "vocab_size": engine.engine.model_config.vocab_size if engine else None}]}
 
     @app.get("/metrics")
     async def metrics() -> Response:

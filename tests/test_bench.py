@@ -1,0 +1,150 @@
+"""`disagg bench`'s arithmetic against a scripted server, its workloads, and a small real compare."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from disagg.bench.bench import sweep
+from disagg.bench.metrics import RequestRecord, percentile, summarize
+from disagg.bench.options import CompareOptions, LoadOptions
+from disagg.bench.workloads import WorkloadSpec, generate
+from disagg.engine.config import EngineConfig
+from disagg.serve.launcher import free_port
+
+TTFT, GAP = 0.300, 0.050  # the scripted server's timings (tests/scripted_server.py), seconds
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    """A test double for the thing measured, in a process of its own like a real server."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "scripted_server.py"), str(port),
+                             str(TTFT), str(GAP)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(url + "/v1/models", timeout=1)
+            break
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, "the scripted server did not start"
+            assert proc.poll() is None, "the scripted server exited"
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_metrics_come_out_as_scripted(scripted, concurrency):
+    out_len, n = 10, 2 * concurrency
+    opts = LoadOptions(input_len="32", output_len=str(out_len), num_prompts=n, warmup=0,
+                       concurrency=str(concurrency), slo_ttft_ms=1000 * TTFT * 1.5, slo_tpot_ms=1000 * GAP * 1.5)
+    (row,) = asyncio.run(sweep(scripted, "scripted", (1000, 2000), opts))
+    e2e = TTFT + (out_len - 1) * GAP
+    assert row["completed"] == n
+    assert row["failed"] == 0
+    assert row["total_output_tokens"] == n * out_len
+    assert row["total_input_tokens"] == n * 32
+    assert row["median_ttft_ms"] == pytest.approx(1000 * TTFT, rel=0.05)
+    assert row["median_tpot_ms"] == pytest.approx(1000 * GAP, rel=0.05)
+    assert row["median_itl_ms"] == pytest.approx(1000 * GAP, rel=0.05)
+    assert row["median_e2el_ms"] == pytest.approx(1000 * e2e, rel=0.05)
+    # closed loop: `concurrency` requests always in flight, each taking e2e: two rounds
+    assert row["duration"] == pytest.approx(2 * e2e, rel=0.1)
+    assert row["request_throughput"] == pytest.approx(n / row["duration"], rel=1e-9)
+    assert row["output_throughput"] == pytest.approx(row["request_throughput"] * out_len, rel=1e-6)
+    assert row["request_goodput"] == pytest.approx(row["request_throughput"], rel=1e-6)  # every SLO met
+
+
+def test_goodput_counts_only_requests_within_every_slo(scripted):
+    opts = LoadOptions(input_len="8", output_len="4", num_prompts=4, warmup=0, concurrency="2",
+                       slo_ttft_ms=1000 * TTFT / 2)  # nobody gets a first token that fast
+    (row,) = asyncio.run(sweep(scripted, "scripted", (1000, 2000), opts))
+    assert row["completed"] == 4
+    assert row["request_goodput"] == 0
+
+
+def test_open_loop_sends_at_the_rate_and_reports_errors_as_failures(scripted):
+    opts = LoadOptions(input_len="8", output_len="3", num_prompts=6, warmup=0, request_rate=float("inf"))
+    (row,) = asyncio.run(sweep(scripted, "scripted", (1000, 2000), opts))
+    # all at once: the run lasts about one request
+    assert row["completed"] == 6
+    assert row["duration"] == pytest.approx(TTFT + 2 * GAP, rel=0.15)
+    (bad,) = asyncio.run(sweep(scripted + "/nowhere", "scripted", (1000, 2000),
+                               LoadOptions(num_prompts=2, warmup=0, concurrency="1", output_len="2")))
+    assert bad["completed"] == 0
+    assert bad["failed"] == 2
+    assert bad["errors"]
+
+
+def test_summary_arithmetic_on_hand_made_records():
+    recs = [RequestRecord(10, sent=0.0, chunk_times=[0.1, 0.2, 0.4], end=0.4, output_tokens=3, ok=True),
+            RequestRecord(20, sent=1.0, chunk_times=[1.3, 1.4], end=1.5, output_tokens=2, ok=True),
+            RequestRecord(30, sent=2.0, end=2.1, error="HTTP 500")]
+    s = summarize(recs, duration=2.0, slo_ttft_ms=200)
+    assert (s["completed"], s["failed"]) == (2, 1)
+    assert s["total_input_tokens"] == 30
+    assert s["total_output_tokens"] == 5
+    assert s["mean_ttft_ms"] == pytest.approx(200)  # 100 and 300
+    assert s["mean_tpot_ms"] == pytest.approx((150 + 200) / 2)  # (400-100)/2 and (500-300)/1
+    assert s["median_itl_ms"] == pytest.approx(100)  # 100, 200, 100
+    assert s["request_goodput"] == pytest.approx(0.5)  # one of two within 200 ms TTFT
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([5], 99) == 5
+
+
+def test_workloads_are_seeded_and_shaped_as_named():
+    base = WorkloadSpec(num_prompts=20, input_len="10:20", output_len="5", seed=3)
+    a, b = generate(base), generate(base)
+    assert a == b
+    assert all(10 <= len(s.turns[0].new_tokens) <= 20 and s.turns[0].max_tokens == 5 for s in a)
+    prefixed = generate(WorkloadSpec(name="shared-prefix", num_prompts=5, input_len="8", prefix_len=64))
+    heads = {s.turns[0].new_tokens[:64] for s in prefixed}
+    assert len(heads) == 1
+    assert all(len(s.turns[0].new_tokens) == 72 for s in prefixed)
+    multi = generate(WorkloadSpec(name="multi-turn", num_prompts=3, turns=4))
+    assert all(len(s.turns) == 4 for s in multi)
+    heavy = generate(WorkloadSpec(name="prefill-heavy", num_prompts=2))
+    assert len(heavy[0].turns[0].new_tokens) == 1024
+    assert heavy[0].turns[0].max_tokens == 16
+    tails = [len(s.turns[0].new_tokens) for s in generate(WorkloadSpec(name="sharegpt", num_prompts=200,
+                                                                        input_len="1:4096"))]
+    assert max(tails) > 4 * sorted(tails)[len(tails) // 2]  # long-tailed
+
+
+def test_a_small_real_compare_writes_every_file_with_consistent_numbers(tmp_path):
+    from disagg.bench.compare import run, write
+
+    load = LoadOptions(input_len="24", output_len="6", num_prompts=4, warmup=1, concurrency="1,2")
+    opts = CompareOptions(budget=2, out_dir=str(tmp_path))
+    doc = run(opts, load, EngineConfig(model="tiny", device="cpu", kv_cache_memory="32MiB"))
+    files = write(doc, str(tmp_path))
+    names = {f.name for f in files}
+    assert {"results.json", "results.csv", "report.html", "throughput.png", "ttft.png", "tpot.png",
+            "goodput.png"} <= names
+    assert all(f.stat().st_size > 0 for f in files)
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert {(r["arch"], r["concurrency"]) for r in rows} == {
+        (a, c) for a in ("single", "replicated", "disaggregated") for c in (1, 2)}
+    for r in rows:
+        assert r["completed"] + r["failed"] == 4
+        assert r["total_output_tokens"] == 6 * r["completed"]
+        assert r["total_input_tokens"] == 24 * r["completed"]
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    report = (tmp_path / "report.html").read_text()
+    assert "budget" in report.lower()
+    assert report.count("data:image/png;base64,") == 4
+    for sentence in doc["findings"]["sentences"]:
+        assert sentence in report
+    assert any("replicated on output throughput" in s for s in doc["findings"]["sentences"])
