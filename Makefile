@@ -23,9 +23,11 @@ $(NIXL): $(STAMP)
 	$(BIN)/pip install -q --no-deps nixl-cu12==1.5.1 || echo "NIXL not installed: its tests will skip"
 	touch $@
 
+# The main job: single vs replicated vs disaggregated on 2 cores, the bundled model, five
+# concurrencies (about 5 minutes on 2 cores); prints the table, the crossover and the report path.
 run: $(STAMP)
-	$(BIN)/disagg generate --model smollm2-135m --chat --max-tokens 64 \
-		--prompt "What is the capital of France? Answer in one sentence."
+	$(BIN)/disagg compare --model smollm2-135m --budget 2 --concurrency 1,2,4,8,16 --num-prompts 16 \
+		--input-len 256 --output-len 64 --out-dir results/make-run
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: $(STAMP) $(NIXL)

@@ -148,3 +148,19 @@ def test_a_small_real_compare_writes_every_file_with_consistent_numbers(tmp_path
     for sentence in doc["findings"]["sentences"]:
         assert sentence in report
     assert any("replicated on output throughput" in s for s in doc["findings"]["sentences"])
+
+
+def test_crossover_needs_a_win_beyond_the_tie_margin_and_the_spread():
+    from disagg.bench.compare import crossover
+
+    def point(v, spread=0.0):
+        return {"output_throughput": v, "spread_output_throughput": spread}
+
+    avg = {("replicated", 1): point(100), ("disaggregated", 1): point(90),
+           ("replicated", 4): point(100), ("disaggregated", 4): point(104),  # within 5%: a tie
+           ("replicated", 8): point(100, 10), ("disaggregated", 8): point(112, 10),  # within the spread
+           ("replicated", 16): point(100), ("disaggregated", 16): point(120)}
+    assert crossover(avg, "output_throughput", 0.05) == 16
+    assert crossover(avg, "output_throughput", 0.0) == 4
+    del avg[("disaggregated", 16)]
+    assert crossover(avg, "output_throughput", 0.05) is None

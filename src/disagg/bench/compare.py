@@ -71,24 +71,32 @@ def averaged(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, floa
     return out
 
 
-def crossover(avg: dict[tuple[str, int], dict[str, float]], metric: str) -> int | None:
+def beats(a: dict[str, float], b: dict[str, float], metric: str, margin: float) -> bool:
+    """`a` wins on `metric` by more than `margin` (relative) and more than both points' run-to-run
+    spread: a difference this machine's noise could make is a tie, not a crossover."""
+    gap = a[metric] - b[metric]
+    return gap > margin * abs(b[metric]) and gap > a.get(f"spread_{metric}", 0.0) + b.get(f"spread_{metric}", 0.0)
+
+
+def crossover(avg: dict[tuple[str, int], dict[str, float]], metric: str, margin: float = 0.05) -> int | None:
     """The lowest concurrency at which disaggregated beats replicated on `metric`, or None."""
     cs = sorted({c for a, c in avg if a == "disaggregated"} & {c for a, c in avg if a == "replicated"})
-    return next((c for c in cs if avg[("disaggregated", c)][metric] > avg[("replicated", c)][metric]), None)
+    return next((c for c in cs if beats(avg[("disaggregated", c)], avg[("replicated", c)], metric, margin)), None)
 
 
 def findings(avg: dict[tuple[str, int], dict[str, float]], archs: tuple[str, ...],
-             concurrencies: tuple[int, ...]) -> dict[str, Any]:
+             concurrencies: tuple[int, ...], margin: float = 0.05) -> dict[str, Any]:
     found: dict[str, Any] = {"crossover_throughput": None, "crossover_goodput": None, "sentences": []}
     say = found["sentences"]
     if "disaggregated" in archs and "replicated" in archs:
-        found["crossover_throughput"] = crossover(avg, "output_throughput")
-        found["crossover_goodput"] = crossover(avg, "request_goodput")
+        found["crossover_throughput"] = crossover(avg, "output_throughput", margin)
+        found["crossover_goodput"] = crossover(avg, "request_goodput", margin)
         span = f"{min(concurrencies)}-{max(concurrencies)}"
         for what, key in (("output throughput", "crossover_throughput"), ("goodput", "crossover_goodput")):
             c = found[key]
             say.append(f"Disaggregated first beats replicated on {what} at concurrency {c}." if c is not None else
-                       f"Disaggregated does not beat replicated on {what} at any concurrency in {span}.")
+                       f"Disaggregated does not beat replicated on {what} at any concurrency in {span} "
+                       f"(by more than {100 * margin:g}% and the run-to-run spread).")
     c1 = min(concurrencies)
     at1 = {a: avg[(a, c1)] for a in archs if (a, c1) in avg}
     if "disaggregated" in at1 and len(at1) > 1:
@@ -153,7 +161,7 @@ def run(opts: CompareOptions, load: LoadOptions, engine: EngineConfig) -> dict[s
         "results": rows,
         "averaged": [{"arch": a, "concurrency": c} | avg[(a, c)] for a in archs for c in concurrencies
                      if (a, c) in avg],
-        "findings": findings(avg, archs, concurrencies),
+        "findings": findings(avg, archs, concurrencies, opts.tie_margin),
     }
 
 

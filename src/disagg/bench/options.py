@@ -90,10 +90,14 @@ class CompareOptions:
     kv_latency: str | None = field(default=None, metadata=_help("disaggregated: emulated KV link delay"))
     kv_push: bool = field(default=False, metadata=_help("disaggregated: layer-wise KV push instead of pull"))
     startup_timeout: float = field(default=300.0, metadata=_help("seconds to wait for a cluster to start"))
+    tie_margin: float = field(default=0.05, metadata=_help("a win needs this relative margin (and more than the "
+                                                           "run-to-run spread with --repeat); less is a tie"))
 
     def __post_init__(self) -> None:
         if self.budget < 1 or self.repeat < 1:
             raise ConfigError("--budget and --repeat must be >= 1")
+        if not 0 <= self.tie_margin < 1:
+            raise ConfigError("--tie-margin must be in [0, 1)")
         for arch in self.arch_list():
             if arch not in ARCH_CHOICES:
                 raise ConfigError(f"unknown arch {arch!r}; choose from {', '.join(ARCH_CHOICES)}")
