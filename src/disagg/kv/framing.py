@@ -25,6 +25,24 @@ def checksum() -> xxhash.xxh3_64:
     return xxhash.xxh3_64()
 
 
+def recv_views(sock: socket.socket, views: list[memoryview] | tuple[memoryview, ...]) -> int:
+    """Receive exactly into `views`, in order, a chunk at a time; returns the bytes' checksum."""
+    crc = checksum()
+    for view in views:
+        for off in range(0, view.nbytes, CHUNK):
+            chunk = view[off : off + CHUNK]
+            recv_exact(sock, chunk)
+            crc.update(chunk)
+    return crc.intdigest()
+
+
+def views_checksum(views: list[memoryview] | tuple[memoryview, ...]) -> int:
+    crc = checksum()
+    for view in views:
+        crc.update(view)
+    return crc.intdigest()
+
+
 class KVTransferError(RuntimeError):
     """A pull failed: refused, unauthenticated, corrupt or timed out."""
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from disagg.kv.framing import CHUNK, KVTransferError, checksum, read_frame, recv_exact, send_frame
+from disagg.kv.framing import CHUNK, KVTransferError, checksum, read_frame, recv_views, send_frame
 from disagg.kv.netem import Link
 
 _END = object()
@@ -204,15 +204,10 @@ def receive(conn: socket.socket, msg: dict[str, Any], call: Callable[[Any], Any]
         if sum(v.nbytes for v in views) != meta.nbytes:
             raise KVTransferError("pushed KV does not fit the reserved blocks")
         send_frame(conn, {"ok": True})
-        crc = checksum()
-        for view in views:
-            for off in range(0, view.nbytes, CHUNK):
-                chunk = view[off : off + CHUNK]
-                recv_exact(conn, chunk)
-                crc.update(chunk)
+        crc = recv_views(conn, views)
         trailer = read_frame(conn)
         first = trailer.get("first_token_ids")
-        if trailer.get("xxh3") != crc.intdigest():
+        if trailer.get("xxh3") != crc:
             raise KVTransferError("pushed KV checksum mismatch")
         if not (isinstance(first, list) and 0 < len(first) <= 16 and all(isinstance(t, int) for t in first)):
             raise KVTransferError("malformed first_token_ids in the push trailer")

@@ -46,7 +46,16 @@ import torch
 
 from disagg.kv import push
 from disagg.kv.codecs import CODECS, decode, encode
-from disagg.kv.framing import CHUNK, KVTransferError, challenge_mac, checksum, read_frame, recv_exact, send_frame
+from disagg.kv.framing import (
+    CHUNK,
+    KVTransferError,
+    challenge_mac,
+    checksum,
+    read_frame,
+    recv_views,
+    send_frame,
+    views_checksum,
+)
 from disagg.kv.netem import Link
 from disagg.kv.nixl import NixlAgent, view_regions
 from disagg.kv.push import PushMeta, PushSlots
@@ -215,10 +224,8 @@ class KVServer:
         if via == "shm":
             regions = self.arena.regions(views) if self.arena is not None else None
             if regions is not None:  # straight out of the cache: the reader makes the only copy
-                crc = checksum()
-                for view in views:
-                    crc.update(view)
-                send_frame(conn, head | {"shm": self.arena.address(), "regions": regions, "xxh3": crc.intdigest()})
+                send_frame(conn, head | {"shm": self.arena.address(), "regions": regions,
+                                         "xxh3": views_checksum(views)})
                 read_frame(conn)  # the reader says when it is done
             else:
                 with self._segments.lend(nbytes) as seg:
@@ -232,10 +239,7 @@ class KVServer:
             # views of the cache are registered already; a copy (exported from a GPU cache) is not
             temp = None if self.nixl.covers(regions) else self.nixl.register(regions)
             try:
-                crc = checksum()
-                for view in views:
-                    crc.update(view)
-                send_frame(conn, head | {"xxh3": crc.intdigest(), "nixl": {
+                send_frame(conn, head | {"xxh3": views_checksum(views), "nixl": {
                     "agent": self.nixl.name, "md": self.nixl.metadata(), "regions": [list(r) for r in regions],
                     "mem": "DRAM"}})
                 read_frame(conn)  # the reader is done with the memory
@@ -352,13 +356,7 @@ class KVClient:
                     send_frame(sock, {"op": "done"})
                 expected_crc = head.get("xxh3")
             else:
-                running = checksum()
-                for view in views:
-                    for off in range(0, view.nbytes, CHUNK):
-                        chunk = view[off : off + CHUNK]
-                        recv_exact(sock, chunk)
-                        running.update(chunk)
-                crc = running.intdigest()
+                crc = recv_views(sock, views)
                 expected_crc = read_frame(sock).get("xxh3")
             if expected_crc != crc:
                 raise KVTransferError("KV payload checksum mismatch")
@@ -390,10 +388,7 @@ class KVClient:
         finally:
             if handle is not None:
                 self.nixl.deregister(handle)
-        crc = checksum()
-        for view in views:
-            crc.update(view)
-        return crc.intdigest()
+        return views_checksum(views)
 
     def _release(self, sock: socket.socket, request_id: str) -> bool:
         send_frame(sock, {"op": "release", "request_id": request_id})
