@@ -210,6 +210,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 config_from_args(EngineConfig, args))
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from disagg.cli_args import config_from_args
+    from disagg.sim.options import PlanOptions
+    from disagg.sim.planner import main
+
+    return main(config_from_args(PlanOptions, args))
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from disagg.bench.calibrate import main
+    from disagg.cli_args import config_from_args
+    from disagg.engine.config import EngineConfig
+    from disagg.sim.options import CalibrateOptions
+
+    return main(config_from_args(CalibrateOptions, args), config_from_args(EngineConfig, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from disagg import __version__
     from disagg.cli_args import add_config_args
@@ -223,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     from disagg.bench.options import BenchOptions, CompareOptions, LoadOptions
     from disagg.kv.options import TransferBenchOptions
     from disagg.serve.options import ProxyOptions, ServeOptions, UpOptions
+    from disagg.sim.options import CalibrateOptions, PlanOptions
 
     commands = [
         ("models", "list model presets with parameter counts and KV bytes per token", (), _cmd_models),
@@ -242,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
          (BenchOptions, LoadOptions), _cmd_bench),
         ("compare", "run single, replicated and disaggregated on one budget, the same sweep on each; report",
          (CompareOptions, LoadOptions, EngineConfig), _cmd_compare),
+        ("plan", "predict single vs replicated vs disaggregated for any model, hardware and link (no torch)",
+         (PlanOptions,), _cmd_plan),
+        ("calibrate", "measure this machine's engine and fit the planner's cost model to it",
+         (CalibrateOptions, EngineConfig), _cmd_calibrate),
     ]
     for name, text, configs, func in commands:
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")

@@ -31,7 +31,7 @@ class Efficiency:
 
     @classmethod
     def of(cls, device: Device) -> Efficiency:
-        return cls(device.mfu, device.mfu, device.bw_util, device.step_overhead)
+        return cls(device.mfu, device.decode_mfu or device.mfu, device.bw_util, device.step_overhead)
 
 
 @dataclass(frozen=True)

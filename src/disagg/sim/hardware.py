@@ -38,8 +38,10 @@ class Device:
     mfu: float = 0.5  # achieved share of peak FLOP/s in prefill (typical published values)
     bw_util: float = 0.7  # achieved share of memory bandwidth in decode
     step_overhead: float = 0.0  # seconds per engine step (launches, scheduling, sampling)
+    decode_mfu: float | None = None  # share of peak in decode's skinny matmuls (default: mfu)
 
     def peak(self, dtype: str) -> float:
+        dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
         if dtype in self.flops:
             return self.flops[dtype]
         if dtype in ("fp32", "float32") and "fp32" not in self.flops and "bf16" in self.flops:

@@ -72,7 +72,7 @@ class Worker:
 
     def submit(self, r: SimRequest) -> None:
         self.waiting.append(r)
-        self._kick()
+        self._kick_later()  # after whatever else arrives at this instant: one step takes them all
 
     def _kick(self) -> None:
         if not self.busy and (self.waiting or self.prefilling or self.decoding):
@@ -175,10 +175,13 @@ class Cluster:
     token_budget: int = 512
     max_seqs: int = 64
     hop: float = 0.0  # seconds a proxy hop adds (client -> worker, proxy -> decode)
+    decode_cost: WorkerCost | None = None  # decode workers on other hardware
 
     @property
     def units(self) -> int:
-        return (self.prefill + self.decode if self.prefill else self.workers) * self.cost.tp
+        if not self.prefill:
+            return self.workers * self.cost.tp
+        return self.prefill * self.cost.tp + self.decode * (self.decode_cost or self.cost).tp
 
 
 def simulate(cluster: Cluster, requests: list[tuple[int, int]], concurrency: int | None = None,
@@ -196,7 +199,7 @@ def simulate(cluster: Cluster, requests: list[tuple[int, int]], concurrency: int
             send(pending.popleft())
 
     if cluster.prefill:
-        decoders = [Worker(loop, cluster.cost, "decode", cluster.token_budget, cluster.max_seqs,
+        decoders = [Worker(loop, cluster.decode_cost or cluster.cost, "decode", cluster.token_budget, cluster.max_seqs,
                            on_finished=finished) for _ in range(cluster.decode)]
         links: list[KVLink] = []
 

@@ -1,0 +1,159 @@
+"""`disagg calibrate --local`: measure this machine's engine and fit the cost model's factors, so
+`disagg plan --hardware this-machine` predicts it.
+
+Prefill is timed at several prompt lengths (one request each, fresh tokens), decode steps at
+several batch sizes (steps where every sequence of the batch is decoding). The fit, per the cost
+model (sim/cost.py): prefill FLOP/s = FLOPs / time (median over lengths within one step's token
+budget); decode = max(bytes / bandwidth, FLOPs / decode FLOP/s), bandwidth from batch 1 and
+decode FLOP/s from the largest batch. The KV link is this machine's loopback as the TCP transport
+moves it. The profile is a TOML catalog file (sim/hardware.py) with `this-machine` entries.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from disagg.bench.options import parse_ints
+from disagg.engine.config import EngineConfig
+from disagg.sim.model import ModelSpec
+from disagg.sim.options import CalibrateOptions
+from disagg.sim.planner import DEFAULT_PROFILE
+
+
+def _prefill_time(engine: Any, n: int, rng: random.Random) -> float:
+    from disagg.engine.sampling import SamplingParams
+
+    vocab = engine.model_config.vocab_size
+    ids = [rng.randrange(min(1000, vocab // 8), vocab) for _ in range(n)]
+    t0 = time.perf_counter()
+    engine.add_request(f"p{rng.random()}", ids, SamplingParams(max_tokens=1, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - t0
+
+
+def _decode_step_time(engine: Any, batch: int, context: int, rng: random.Random, steps: int = 24) -> float:
+    from disagg.engine.sampling import SamplingParams
+
+    vocab = engine.model_config.vocab_size
+    for i in range(batch):
+        ids = [rng.randrange(min(1000, vocab // 8), vocab) for _ in range(context)]
+        engine.add_request(f"d{batch}-{i}-{rng.random()}", ids, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    times = []
+    while engine.has_unfinished():
+        all_decoding = all(s.num_computed_tokens >= s.num_prompt_tokens for s in engine.scheduler.running) and \
+            len(engine.scheduler.running) == batch and not engine.scheduler.waiting
+        t0 = time.perf_counter()
+        engine.step()
+        if all_decoding:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(engine: Any, opts: CalibrateOptions) -> dict[str, Any]:
+    rng = random.Random(0)
+    _prefill_time(engine, 64, rng)  # warm-up
+    prefill = {n: statistics.median(_prefill_time(engine, n, rng) for _ in range(3))
+               for n in parse_ints(opts.lengths, "lengths")}
+    decode = {b: _decode_step_time(engine, b, opts.decode_context, rng) for b in parse_ints(opts.batches, "batches")}
+    return {"prefill": prefill, "decode": decode}
+
+
+def fit(spec: ModelSpec, dtype: str, measured: dict[str, Any], token_budget: int, context: int) -> dict[str, float]:
+    prefill = measured["prefill"]
+    within = {n: t for n, t in prefill.items() if n <= token_budget} or prefill
+    prefill_flops = statistics.median(
+        (n * spec.matmul_flops_per_token + spec.attention_flops(n, 0)) / t for n, t in within.items())
+    decode = measured["decode"]
+    kv = spec.kv_bytes_per_token(dtype)
+
+    def step_bytes(b: int) -> float:
+        return spec.weight_bytes(dtype) + b * context * kv
+
+    def step_flops(b: int) -> float:
+        return b * (spec.matmul_flops_per_token + spec.attention_flops(1, context))
+
+    b1, bmax = min(decode), max(decode)
+    bandwidth = step_bytes(b1) / decode[b1]
+    decode_flops = step_flops(bmax) / decode[bmax]
+    return {"prefill_flops": prefill_flops, "bandwidth": bandwidth, "decode_flops": min(decode_flops, prefill_flops)}
+
+
+def profile_toml(factors: dict[str, float], link_bw: float, kind: str, source: str) -> str:
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        mem = 16e9
+    f = factors["prefill_flops"]
+    return f"""# written by disagg calibrate: {source}
+[device.this-machine]
+kind = "{kind}"
+flops = {{ fp32 = {f:.6g}, bf16 = {f:.6g}, fp16 = {f:.6g} }}
+mem_bw = {factors['bandwidth']:.6g}
+mem_bytes = {mem:.6g}
+mfu = 1.0
+decode_mfu = {factors['decode_flops'] / factors['prefill_flops']:.6g}
+bw_util = 1.0
+step_overhead = 0.0
+source = "{source}"
+
+[link.this-machine-loopback]
+bandwidth = {link_bw:.6g}
+latency = 1e-4
+source = "{source}: the TCP KV transport over loopback, 64 MiB pulls"
+"""
+
+
+def main(opts: CalibrateOptions, engine_config: EngineConfig) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from disagg.engine.llm_engine import LLMEngine
+    from disagg.kv.options import TransferBenchOptions
+    from disagg.kv.transfer_bench import run as transfer_run
+    from disagg.sim.cost import Efficiency, WorkerCost
+    from disagg.sim.hardware import load_catalog
+
+    engine = LLMEngine(engine_config)
+    spec = ModelSpec(engine.model_config)
+    dtype = engine.dtype_name
+    measured = measure(engine, opts)
+    factors = fit(spec, dtype, measured, engine_config.max_num_batched_tokens, opts.decode_context)
+    link_bw = transfer_run(TransferBenchOptions(sizes="64M", repeats=5))[0]["gbps"] * 1e9
+    threads = engine_config.threads or "default"
+    source = (f"disagg calibrate on {time.strftime('%Y-%m-%d')}, model {spec.name}, {dtype}, threads {threads}, "
+              f"device {engine.device.type}")
+    out = Path(opts.out) if opts.out else DEFAULT_PROFILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(profile_toml(factors, link_bw, "gpu" if engine.device.type == "cuda" else "cpu", source))
+    devices, _ = load_catalog(out)
+    dev = devices["this-machine"]
+    cost = WorkerCost(spec, dev, dtype if dtype in dev.flops else "fp32", Efficiency.of(dev))
+    table = Table(title=f"calibration of {spec.name} ({dtype}, threads {threads}): measured vs the fitted model")
+    for col in ("what", "measured ms", "model ms", "error"):
+        table.add_column(col, justify="right")
+    for n, t in measured["prefill"].items():
+        chunks, done, budget = [], 0, engine_config.max_num_batched_tokens
+        while done < n:
+            k = min(budget, n - done)
+            chunks.append(cost.step_time([(k, done)], []))
+            done += k
+        model_t = sum(chunks)
+        table.add_row(f"prefill {n} tokens", f"{1000 * t:.1f}", f"{1000 * model_t:.1f}",
+                      f"{100 * (model_t / t - 1):+.0f}%")
+    for b, t in measured["decode"].items():
+        model_t = cost.decode_step_time(b, opts.decode_context)
+        table.add_row(f"decode step, batch {b}", f"{1000 * t:.1f}", f"{1000 * model_t:.1f}",
+                      f"{100 * (model_t / t - 1):+.0f}%")
+    console = Console(width=120)
+    console.print(table)
+    console.print(f"prefill {factors['prefill_flops'] / 1e9:.1f} GFLOP/s, decode bandwidth "
+                  f"{factors['bandwidth'] / 1e9:.1f} GB/s, decode matmuls {factors['decode_flops'] / 1e9:.1f} GFLOP/s, "
+                  f"KV link {link_bw / 1e9:.2f} GB/s")
+    console.print(f"profile: {out}  (disagg plan --hardware this-machine --link this-machine-loopback --dtype {dtype})")
+    return 0
