@@ -164,3 +164,19 @@ def test_crossover_needs_a_win_beyond_the_tie_margin_and_the_spread():
     assert crossover(avg, "output_throughput", 0.0) == 4
     del avg[("disaggregated", 16)]
     assert crossover(avg, "output_throughput", 0.05) is None
+
+
+def test_every_load_point_gets_fresh_prompts(monkeypatch):
+    import disagg.bench.bench as bench
+
+    seen: list[list[tuple[int, ...]]] = []
+
+    async def fake_run_load(client, sessions, load, warmup, on_done):
+        seen.append([s.turns[0].new_tokens for s in sessions])
+        return [], 1.0
+
+    monkeypatch.setattr(bench, "run_load", fake_run_load)
+    asyncio.run(bench.sweep("http://127.0.0.1:9", "m", (1000, 2000), LoadOptions(concurrency="1,2,4", num_prompts=3)))
+    assert len(seen) == 3
+    flat = [p for point in seen for p in point]
+    assert len(set(flat)) == len(flat), "a prompt repeats across load points: the prefix cache would serve it"

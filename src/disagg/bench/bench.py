@@ -63,8 +63,9 @@ async def sweep(url: str, model: str | None, vocab: tuple[int, int], opts: LoadO
                         opts.turns, vocab, opts.workload_seed)
     results = []
     try:
-        for load in load_points(opts):
-            sessions = generate(spec)
+        for i, load in enumerate(load_points(opts)):
+            # fresh prompts at every load point: repeats would hit the server's prefix cache
+            sessions = generate(replace(spec, seed=opts.workload_seed + 1_000_003 * (i + 1)))
             warmup = generate(replace(spec, num_prompts=max(opts.warmup, 1), seed=opts.workload_seed + 10_000,
                                       name="random", turns=1))[: opts.warmup]
             records, duration = await run_load(client, sessions, load, warmup, on_done)

@@ -3,10 +3,11 @@
 
 Prefill is timed at several prompt lengths (one request each, fresh tokens), decode steps at
 several batch sizes (steps where every sequence of the batch is decoding). The fit, per the cost
-model (sim/cost.py): prefill FLOP/s = FLOPs / time (median over lengths within one step's token
-budget); decode = max(bytes / bandwidth, FLOPs / decode FLOP/s), bandwidth from batch 1 and
-decode FLOP/s from the largest batch. The KV link is this machine's loopback as the TCP transport
-moves it. The profile is a TOML catalog file (sim/hardware.py) with `this-machine` entries.
+model (sim/cost.py) with memory and compute adding up: decode step = bytes / bandwidth + FLOPs /
+decode FLOP/s (least squares over the batches); prefill = the weights' read + matmul FLOPs /
+prefill FLOP/s + attention FLOPs / attention FLOP/s, chunk by chunk (least squares over lengths).
+The KV link is this machine's loopback as the TCP transport moves it. The profile is a TOML
+catalog file (sim/hardware.py) with `this-machine` entries.
 """
 
 from __future__ import annotations
@@ -64,24 +65,47 @@ def measure(engine: Any, opts: CalibrateOptions) -> dict[str, Any]:
     return {"prefill": prefill, "decode": decode}
 
 
+def _lstsq2(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """Non-negative least squares of t = a x + b y over (a, b, t) rows."""
+    saa = sum(a * a for a, _, _ in rows)
+    sbb = sum(b * b for _, b, _ in rows)
+    sab = sum(a * b for a, b, _ in rows)
+    sat = sum(a * t for a, _, t in rows)
+    sbt = sum(b * t for _, b, t in rows)
+    det = saa * sbb - sab * sab
+    if det > 0:
+        x, y = (sat * sbb - sbt * sab) / det, (sbt * saa - sat * sab) / det
+        if x > 0 and y > 0:
+            return x, y
+    # one of them is not measurable here: fit the other alone
+    x, y = sat / saa if saa else 0.0, sbt / sbb if sbb else 0.0
+    err_x = sum((t - a * x) ** 2 for a, _, t in rows)
+    err_y = sum((t - b * y) ** 2 for _, b, t in rows)
+    return (x, 1e-30) if err_x <= err_y else (1e-30, y)
+
+
 def fit(spec: ModelSpec, dtype: str, measured: dict[str, Any], token_budget: int, context: int) -> dict[str, float]:
-    prefill = measured["prefill"]
-    within = {n: t for n, t in prefill.items() if n <= token_budget} or prefill
-    prefill_flops = statistics.median(
-        (n * spec.matmul_flops_per_token + spec.attention_flops(n, 0)) / t for n, t in within.items())
-    decode = measured["decode"]
-    kv = spec.kv_bytes_per_token(dtype)
-
-    def step_bytes(b: int) -> float:
-        return spec.weight_bytes(dtype) + b * context * kv
-
-    def step_flops(b: int) -> float:
-        return b * (spec.matmul_flops_per_token + spec.attention_flops(1, context))
-
-    b1, bmax = min(decode), max(decode)
-    bandwidth = step_bytes(b1) / decode[b1]
-    decode_flops = step_flops(bmax) / decode[bmax]
-    return {"prefill_flops": prefill_flops, "bandwidth": bandwidth, "decode_flops": min(decode_flops, prefill_flops)}
+    """Seconds per byte and per FLOP of this engine, with memory and compute adding up (a CPU does
+    not hide one behind the other the way a GPU does)."""
+    weights, kv = spec.weight_bytes(dtype), spec.kv_bytes_per_token(dtype)
+    mm = spec.matmul_flops_per_token
+    per_byte, per_decode_flop = _lstsq2([
+        (weights + b * context * kv, b * (mm + spec.attention_flops(1, context)), t)
+        for b, t in measured["decode"].items()])
+    rows = []
+    for n, t in measured["prefill"].items():
+        mem = matmul = attn = 0.0
+        done = 0
+        while done < n:  # the engine's chunks
+            k = min(token_budget, n - done)
+            mem += (weights + done * kv) * per_byte
+            matmul += k * mm
+            attn += spec.attention_flops(k, done)
+            done += k
+        rows.append((matmul, attn, max(t - mem, 1e-9)))
+    per_flop, per_attn_flop = _lstsq2(rows)
+    return {"prefill_flops": 1 / per_flop, "attn_flops": 1 / per_attn_flop, "bandwidth": 1 / per_byte,
+            "decode_flops": 1 / per_decode_flop}
 
 
 def profile_toml(factors: dict[str, float], link_bw: float, kind: str, source: str) -> str:
@@ -97,9 +121,11 @@ flops = {{ fp32 = {f:.6g}, bf16 = {f:.6g}, fp16 = {f:.6g} }}
 mem_bw = {factors['bandwidth']:.6g}
 mem_bytes = {mem:.6g}
 mfu = 1.0
-decode_mfu = {factors['decode_flops'] / factors['prefill_flops']:.6g}
+decode_mfu = {factors['decode_flops'] / f:.6g}
+attn_mfu = {factors['attn_flops'] / f:.6g}
 bw_util = 1.0
 step_overhead = 0.0
+overlap = false
 source = "{source}"
 
 [link.this-machine-loopback]
@@ -152,7 +178,8 @@ def main(opts: CalibrateOptions, engine_config: EngineConfig) -> int:
                       f"{100 * (model_t / t - 1):+.0f}%")
     console = Console(width=120)
     console.print(table)
-    console.print(f"prefill {factors['prefill_flops'] / 1e9:.1f} GFLOP/s, decode bandwidth "
+    console.print(f"prefill matmuls {factors['prefill_flops'] / 1e9:.1f} GFLOP/s, attention "
+                  f"{factors['attn_flops'] / 1e9:.1f} GFLOP/s, decode bandwidth "
                   f"{factors['bandwidth'] / 1e9:.1f} GB/s, decode matmuls {factors['decode_flops'] / 1e9:.1f} GFLOP/s, "
                   f"KV link {link_bw / 1e9:.2f} GB/s")
     console.print(f"profile: {out}  (disagg plan --hardware this-machine --link this-machine-loopback --dtype {dtype})")

@@ -1,10 +1,12 @@
 """The cost model: how long one engine step takes on a worker, and a KV transfer on a link.
 
 A step runs a batch of prompt chunks and decode tokens together (continuous batching), so one
-function prices both and their interference: roofline time = max(compute, memory) + a fixed
-per-step overhead, where
+function prices both and their interference: time = max(compute, memory) (a roofline, where
+compute and memory traffic overlap, as on GPUs) or compute + memory (where they do not, as
+calibrated on this project's CPU), plus a fixed per-step overhead, where
 
-- compute = prompt-chunk FLOPs / (peak x mfu) + decode FLOPs / (peak x decode_mfu)
+- compute = prompt-chunk matmul FLOPs / (peak x mfu) + their attention FLOPs / (peak x attn_mfu)
+            + decode matmul FLOPs / (peak x decode_mfu)
 - memory  = (weights + the KV every sequence reads) / (bandwidth x bw_util)
 
 Efficiency factors default to the device's typical values and are replaced by a calibrated
@@ -28,10 +30,13 @@ class Efficiency:
     decode_mfu: float  # decode matmuls (small M): share of peak achieved
     bw_util: float  # share of memory bandwidth achieved
     step_overhead: float  # seconds per step
+    attn_mfu: float = 0.0  # prefill attention (0: as mfu)
+    overlap: bool = True
 
     @classmethod
     def of(cls, device: Device) -> Efficiency:
-        return cls(device.mfu, device.decode_mfu or device.mfu, device.bw_util, device.step_overhead)
+        return cls(device.mfu, device.decode_mfu or device.mfu, device.bw_util, device.step_overhead,
+                   device.attn_mfu or device.mfu, device.overlap)
 
 
 @dataclass(frozen=True)
@@ -72,12 +77,13 @@ class WorkerCost:
             return 0.0
         m, e = self.model, self.e
         peak = self.device.peak(self.dtype) * self.scale
-        prefill_flops = sum(n * m.matmul_flops_per_token + m.attention_flops(n, c) for n, c in chunks)
+        matmul = sum(n for n, _ in chunks) * m.matmul_flops_per_token
+        attention = sum(m.attention_flops(n, c) for n, c in chunks)
         decode_flops = sum(m.matmul_flops_per_token + m.attention_flops(1, c) for c in decode_contexts)
-        compute = prefill_flops / (peak * e.mfu) + decode_flops / (peak * e.decode_mfu)
+        compute = (matmul / e.mfu + attention / (e.attn_mfu or e.mfu) + decode_flops / e.decode_mfu) / peak
         kv_read = m.kv_bytes_per_token(self.dtype) * (sum(c for _, c in chunks) + sum(decode_contexts))
         memory = (m.weight_bytes(self.dtype) + kv_read) / (self.device.mem_bw * self.scale * e.bw_util)
-        return max(compute, memory) + e.step_overhead
+        return (max(compute, memory) if e.overlap else compute + memory) + e.step_overhead
 
     def prefill_time(self, tokens: int) -> float:
         return self.step_time([(tokens, 0)], [])

@@ -39,6 +39,8 @@ class Device:
     bw_util: float = 0.7  # achieved share of memory bandwidth in decode
     step_overhead: float = 0.0  # seconds per engine step (launches, scheduling, sampling)
     decode_mfu: float | None = None  # share of peak in decode's skinny matmuls (default: mfu)
+    attn_mfu: float | None = None  # share of peak in prefill attention (default: mfu)
+    overlap: bool = True  # compute and memory traffic overlap (GPUs); CPUs measured here add them
 
     def peak(self, dtype: str) -> float:
         dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
