@@ -180,3 +180,22 @@ def test_every_load_point_gets_fresh_prompts(monkeypatch):
     assert len(seen) == 3
     flat = [p for point in seen for p in point]
     assert len(set(flat)) == len(flat), "a prompt repeats across load points: the prefix cache would serve it"
+
+
+def test_calibrate_through_a_server_writes_a_profile_the_planner_reads(scripted, tmp_path):
+    from disagg.bench.calibrate import main as calibrate
+    from disagg.sim.options import CalibrateOptions, PlanOptions
+    from disagg.sim.planner import plan
+
+    profile = tmp_path / "profile.toml"
+    opts = CalibrateOptions(url=scripted, out=str(profile), lengths="16,64", batches="1,2", decode_context=32)
+    assert calibrate(opts, EngineConfig(model="tiny", device="cpu")) == 0
+    text = profile.read_text()
+    assert "[device.this-machine]" in text
+    assert "[link.this-machine-loopback]" in text
+    result = plan(PlanOptions(model="tiny", hardware="this-machine", link="this-machine-loopback", units=2,
+                              dtype="fp32", input_len="64", output_len="8", concurrency="1", profile=str(profile)))
+    # the scripted server answers every prompt after TTFT and a token every GAP, whatever the load
+    single = next(p for p in result["predictions"] if p["arch"] == "single")
+    assert single["ttft_p50_ms"] == pytest.approx(1000 * TTFT, rel=0.25)
+    assert single["tpot_p50_ms"] == pytest.approx(1000 * GAP, rel=0.25)

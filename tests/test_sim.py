@@ -129,3 +129,28 @@ def test_a_70b_model_spans_several_gpus_and_a_catalog_file_adds_hardware(tmp_pat
     assert links["my-net"].bandwidth == 1e9
     assert "h100-sxm" in devices
     assert "rdma-400g" in LINKS
+
+
+def test_calibration_fit_recovers_the_factors_it_was_made_with():
+    from disagg.bench.calibrate import fit
+
+    spec = ModelSpec.named("smollm2-135m")
+    true = {"prefill_flops": 200e9, "attn_flops": 60e9, "bandwidth": 25e9, "decode_flops": 80e9}
+    dev = Device("synthetic", "cpu", {"fp32": true["prefill_flops"]}, true["bandwidth"], 16e9, "test", mfu=1.0,
+                 bw_util=1.0, decode_mfu=true["decode_flops"] / true["prefill_flops"],
+                 attn_mfu=true["attn_flops"] / true["prefill_flops"], overlap=False)
+    c = WorkerCost(spec, dev, "fp32", Efficiency.of(dev))
+
+    def prefill(n, budget=512):
+        t, done = 0.0, 0
+        while done < n:
+            k = min(budget, n - done)
+            t += c.step_time([(k, done)], [])
+            done += k
+        return t
+
+    measured = {"prefill": {n: prefill(n) for n in (128, 256, 512, 1024)},
+                "decode": {b: c.decode_step_time(b, 256) for b in (1, 4, 16)}}
+    got = fit(spec, "fp32", measured, 512, 256)
+    for k, v in true.items():
+        assert got[k] == pytest.approx(v, rel=1e-6), k

@@ -1,8 +1,10 @@
-"""`disagg calibrate --local`: measure this machine's engine and fit the cost model's factors, so
-`disagg plan --hardware this-machine` predicts it.
+"""`disagg calibrate [--url URL]`: measure this machine's engine (or a running server) and fit the
+cost model's factors, so `disagg plan --hardware this-machine` predicts it.
 
 Prefill is timed at several prompt lengths (one request each, fresh tokens), decode steps at
-several batch sizes (steps where every sequence of the batch is decoding). The fit, per the cost
+several batch sizes (steps where every sequence of the batch is decoding). Through a server
+(`--url`), prefill is TTFT at concurrency 1 and a decode step is TPOT with the batch in flight,
+HTTP included. The fit, per the cost
 model (sim/cost.py) with memory and compute adding up: decode step = bytes / bandwidth + FLOPs /
 decode FLOP/s (least squares over the batches); prefill = the weights' read + matmul FLOPs /
 prefill FLOP/s + attention FLOPs / attention FLOP/s, chunk by chunk (least squares over lengths).
@@ -84,6 +86,36 @@ def _lstsq2(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
     return (x, 1e-30) if err_x <= err_y else (1e-30, y)
 
 
+def measure_url(url: str, opts: CalibrateOptions, vocab: int) -> dict[str, Any]:
+    import asyncio
+
+    from disagg.bench.client import BenchClient
+
+    rng = random.Random(0)
+    lo = min(1000, vocab // 8)
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(lo, vocab) for _ in range(n)]
+
+    async def run() -> dict[str, Any]:
+        client = BenchClient(url, None)
+        try:
+            await client.send(prompt(64), 2)  # warm-up
+            prefill = {}
+            for n in parse_ints(opts.lengths, "lengths"):
+                recs = [(await client.send(prompt(n), 1))[0] for _ in range(3)]
+                prefill[n] = statistics.median(r.ttft for r in recs if r.ok)
+            decode = {}
+            for b in parse_ints(opts.batches, "batches"):
+                got = await asyncio.gather(*(client.send(prompt(opts.decode_context), 33) for _ in range(b)))
+                decode[b] = statistics.median(r.tpot for r, _ in got if r.ok and r.tpot)
+            return {"prefill": prefill, "decode": decode}
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
 def fit(spec: ModelSpec, dtype: str, measured: dict[str, Any], token_budget: int, context: int) -> dict[str, float]:
     """Seconds per byte and per FLOP of this engine, with memory and compute adding up (a CPU does
     not hide one behind the other the way a GPU does)."""
@@ -145,18 +177,28 @@ def main(opts: CalibrateOptions, engine_config: EngineConfig) -> int:
     from disagg.sim.cost import Efficiency, WorkerCost
     from disagg.sim.hardware import load_catalog
 
-    engine = LLMEngine(engine_config)
-    spec = ModelSpec(engine.model_config)
-    dtype = engine.dtype_name
-    measured = measure(engine, opts)
+    if opts.url:
+        from disagg.bench.bench import server_info
+        from disagg.model.loader import resolve
+
+        server_info(opts.url, None)  # a clear error if nothing answers
+        spec = ModelSpec(resolve(engine_config.model).config)
+        dtype = "float32" if engine_config.device in ("cpu", "auto") else "bfloat16"
+        measured = measure_url(opts.url, opts, spec.config.vocab_size)
+        device_type, threads = "server", "server's"
+    else:
+        engine = LLMEngine(engine_config)
+        spec = ModelSpec(engine.model_config)
+        dtype = engine.dtype_name
+        measured = measure(engine, opts)
+        device_type, threads = engine.device.type, engine_config.threads or "default"
     factors = fit(spec, dtype, measured, engine_config.max_num_batched_tokens, opts.decode_context)
     link_bw = transfer_run(TransferBenchOptions(sizes="64M", repeats=5))[0]["gbps"] * 1e9
-    threads = engine_config.threads or "default"
     source = (f"disagg calibrate on {time.strftime('%Y-%m-%d')}, model {spec.name}, {dtype}, threads {threads}, "
-              f"device {engine.device.type}")
+              f"device {device_type}" + (f", through {opts.url}" if opts.url else ""))
     out = Path(opts.out) if opts.out else DEFAULT_PROFILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(profile_toml(factors, link_bw, "gpu" if engine.device.type == "cuda" else "cpu", source))
+    out.write_text(profile_toml(factors, link_bw, "gpu" if device_type == "cuda" else "cpu", source))
     devices, _ = load_catalog(out)
     dev = devices["this-machine"]
     cost = WorkerCost(spec, dev, dtype if dtype in dev.flops else "fp32", Efficiency.of(dev))

@@ -108,6 +108,12 @@ def findings(avg: dict[tuple[str, int], dict[str, float]], archs: tuple[str, ...
             "ttft_ms": [d["median_ttft_ms"], b["median_ttft_ms"]],
             "slowest_arch": max(at1, key=lambda a: at1[a]["median_e2el_ms"])}
         pct = 100 * (d["median_e2el_ms"] / b["median_e2el_ms"] - 1) if b["median_e2el_ms"] else 0.0
+        if abs(pct) <= 100 * margin:
+            found["single_request_penalty"]["slowest_arch"] = None
+            say.append(f"At concurrency {c1} the architectures tie within {100 * margin:g}% end to end "
+                       f"(disaggregated {d['median_e2el_ms']:.0f} ms, {best} {b['median_e2el_ms']:.0f} ms): the "
+                       "handoff costs less than this machine's noise.")
+            return found
         say.append(f"At concurrency {c1}, disaggregated takes {d['median_e2el_ms']:.0f} ms end to end against "
                    f"{b['median_e2el_ms']:.0f} ms for {best} ({pct:+.0f}%; TTFT {d['median_ttft_ms']:.0f} vs "
                    f"{b['median_ttft_ms']:.0f} ms); the slowest at {c1} is "

@@ -9,6 +9,22 @@ from disagg.bench.workloads import parse_len
 from disagg.cli_args import described as _help
 from disagg.errors import ConfigError
 
+# The reference paper's situations, as plan settings; a scenario with several entries compares them.
+SCENARIOS: dict[str, list[dict[str, object]]] = {
+    # its lab: two GPUs, single vs replicated vs 1P1D, an 8B model
+    "lab-2gpu": [{"model": "llama-3.1-8b", "hardware": "h100-sxm", "units": 2, "link": "tcp-100g",
+                  "input_len": "1024", "output_len": "256", "concurrency": "1,2,4,8,16,32"}],
+    # 70B at 32k context: the KV of one prompt is 10 GiB; TCP 10 GbE vs RDMA 400G
+    "70b-tcp-vs-rdma": [{"model": "llama-3-70b", "hardware": "h100-sxm", "units": 16, "link": link,
+                         "input_len": "32000", "output_len": "256", "concurrency": "1,2,4,8",
+                         "slo_ttft_ms": 30000, "slo_tpot_ms": 60} for link in ("tcp-10g", "rdma-400g")],
+    # prefill on one GPU, decode on a dual-Xeon node, over 1 and 10 GbE
+    "gpu-prefill-cpu-decode": [{"model": "llama-3.1-8b", "hardware": "h100-sxm", "units": 1,
+                                "decode_hardware": "dual-xeon", "decode_units": 1, "link": link,
+                                "input_len": "2048", "output_len": "256", "concurrency": "1,4,16",
+                                "slo_tpot_ms": 200} for link in ("tcp-1g", "tcp-10g")],
+}
+
 
 @dataclass(frozen=True)
 class PlanOptions:
@@ -40,6 +56,8 @@ class PlanOptions:
     json: bool = field(default=False, metadata=_help("print the predictions as JSON"))
     plot: str | None = field(default=None, metadata=_help("write a PNG of the predictions here"))
     tie_margin: float = field(default=0.05, metadata=_help("a win needs this relative margin"))
+    scenario: str | None = field(default=None, metadata=_help("a preset from the reference paper instead: "
+                                                              "lab-2gpu, 70b-tcp-vs-rdma, gpu-prefill-cpu-decode"))
 
     def __post_init__(self) -> None:
         parse_len(self.input_len, "input-len")
@@ -47,13 +65,16 @@ class PlanOptions:
         parse_ints(self.concurrency, "concurrency")
         if self.units < 1:
             raise ConfigError("--units must be >= 1")
+        if self.scenario is not None and self.scenario not in SCENARIOS:
+            raise ConfigError(f"unknown scenario {self.scenario!r}; known: {', '.join(SCENARIOS)}")
 
 
 @dataclass(frozen=True)
 class CalibrateOptions:
     """what to measure (each flag also reads DISAGG_<FLAG> from the environment)"""
 
-    local: bool = field(default=True, metadata=_help("measure the local engine (--model, --threads ...)"))
+    url: str | None = field(default=None, metadata=_help("measure a running server instead of the local engine "
+                                                         "(--model names its architecture)"))
     out: str | None = field(default=None, metadata=_help("profile file to write (default "
                                                          "~/.cache/disagg/profile.toml)"))
     lengths: str = field(default="128,256,512,1024", metadata=_help("prompt lengths to time prefill at"))

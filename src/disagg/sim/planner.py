@@ -68,7 +68,7 @@ def setups(opts: PlanOptions) -> tuple[list[Setup], list[Setup], WorkerCost]:
     devices, links = catalogs(opts)
     model = ModelSpec.named(opts.model)
     device = find(devices, opts.hardware, "hardware")
-    cost = WorkerCost.fit(model, device, opts.dtype if device.kind == "gpu" or opts.dtype != "bf16" else "bf16")
+    cost = WorkerCost.fit(model, device, opts.dtype)
     budget = opts.token_budget or (8192 if device.kind == "gpu" else 512)
     base = Cluster(cost, token_budget=budget, max_seqs=opts.max_seqs, hop=opts.hop_ms / 1000,
                    link=find(links, opts.link, "link"))
@@ -206,6 +206,17 @@ def write_plot(result: dict[str, Any], path: str) -> None:
 
 
 def main(opts: PlanOptions) -> int:
+    if opts.scenario:
+        from disagg.sim.options import SCENARIOS
+
+        for i, overrides in enumerate(SCENARIOS[opts.scenario]):
+            one = replace(opts, scenario=None, **overrides,
+                          plot=f"{Path(opts.plot).with_suffix('')}-{i + 1}.png" if opts.plot else None)
+            if not opts.json:
+                print(f"\n== {opts.scenario} {i + 1}/{len(SCENARIOS[opts.scenario])}: "
+                      + ", ".join(f"{k}={v}" for k, v in overrides.items()))
+            main(one)
+        return 0
     result = plan(opts)
     if opts.plot:
         write_plot(result, opts.plot)

@@ -3,7 +3,7 @@
 Workers run engine steps back to back while they have work, as the real engine does: each step
 takes every decoding sequence's next token first, then prompt chunks up to a token budget
 (chunked prefill), so a colocated worker's prefills slow its decodes. Disaggregated: a prefill
-worker emits token 1, sends the KV over its link (a FIFO: transfers queue behind each other), and
+worker emits token 1, sends the KV over its link (concurrent transfers share it), and
 the decode worker admits the request when the KV has arrived and it has room. Arrivals: closed
 loop at a concurrency, or Poisson/gamma at a rate. The output is the same RequestRecords and
 summary as `disagg bench`.
@@ -151,16 +151,49 @@ class Worker:
 
 
 class KVLink:
-    """A prefill worker's link to the decode workers: one transfer at a time, in order."""
+    """A prefill worker's link to the decode workers. Concurrent transfers share its bandwidth
+    equally (processor sharing, as parallel TCP streams or RDMA queue pairs do), each after the
+    link's one-way latency."""
 
     def __init__(self, loop: EventLoop, link: Link) -> None:
         self.loop, self.link = loop, link
-        self.free_at = 0.0
+        self.active: dict[int, list] = {}  # id -> [bytes left, on_arrival]
+        self.last = 0.0
+        self._ids = itertools.count()
+        self._version = 0
 
     def send(self, nbytes: float, on_arrival: Callable[[], None]) -> None:
-        start = max(self.loop.now, self.free_at)
-        self.free_at = start + self.link.transfer_time(nbytes)
-        self.loop.at(self.free_at, on_arrival)
+        self.loop.at(self.loop.now + self.link.latency, lambda: self._enter(nbytes, on_arrival))
+
+    def _rate(self) -> float:
+        return self.link.bandwidth * self.link.efficiency / max(1, len(self.active))
+
+    def _advance(self) -> None:
+        moved = (self.loop.now - self.last) * self._rate()
+        for entry in self.active.values():
+            entry[0] -= moved
+        self.last = self.loop.now
+
+    def _enter(self, nbytes: float, on_arrival: Callable[[], None]) -> None:
+        self._advance()
+        self.active[next(self._ids)] = [nbytes, on_arrival]
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        self._version += 1
+        if self.active:
+            left = min(e[0] for e in self.active.values())
+            version = self._version
+            self.loop.at(self.loop.now + max(0.0, left) / self._rate(), lambda: self._complete(version))
+
+    def _complete(self, version: int) -> None:
+        if version != self._version:  # superseded by a later arrival
+            return
+        self._advance()
+        done = [k for k, e in self.active.items() if e[0] <= 1.0]  # within a byte: rounding
+        for k in done:
+            self.active.pop(k)[1]()
+        self._reschedule()
 
 
 @dataclass(frozen=True)
