@@ -19,14 +19,10 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from disagg.bench.metrics import percentile
 from disagg.engine.config import EngineConfig
 from disagg.serve.launcher import Cluster, free_port
 from disagg.serve.options import UpOptions
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
 async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float, list[float]]:
@@ -79,7 +75,8 @@ def main() -> None:
         table.add_column(col, justify="right")
     for key, label in (("e2e", "end-to-end"), ("first", "first chunk"), ("gap", "chunk gap")):
         d, p = res["direct"][key], res["proxy"][key]
-        row = [pct(d, 50), pct(p, 50), pct(p, 50) - pct(d, 50), pct(d, 99), pct(p, 99), pct(p, 99) - pct(d, 99)]
+        d50, p50, d99, p99 = percentile(d, 50), percentile(p, 50), percentile(d, 99), percentile(p, 99)
+        row = [d50, p50, p50 - d50, d99, p99, p99 - d99]
         table.add_row(label, *(f"{1000 * v:.2f}" for v in row))
     Console(width=120).print(table)
     d50, p50 = statistics.median(res["direct"]["e2e"]), statistics.median(res["proxy"]["e2e"])

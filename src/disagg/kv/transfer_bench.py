@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from disagg.bench.metrics import percentile
 from disagg.kv.netem import Link
 from disagg.kv.nixl import NixlAgent
 from disagg.kv.nixl import available as nixl_available
@@ -106,11 +107,6 @@ def _plain_socket(nbytes: int, repeats: int) -> list[float]:
     return times
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
-
-
 def run(opts: TransferBenchOptions) -> list[dict[str, float]]:
     from disagg.errors import ConfigError
 
@@ -151,9 +147,9 @@ def run(opts: TransferBenchOptions) -> list[dict[str, float]]:
                                      into=lambda shape, dtype, dest=dest: dest, via=opts.transport)
                 times.append(time.perf_counter() - t0)
             n = n // 2 * 2
-            rows.append({"bytes": n, "gbps": n / _pct(times, 50) / 1e9, "p50_ms": 1e3 * _pct(times, 50),
-                         "p99_ms": 1e3 * _pct(times, 99), "ref_gbps": n / _pct(ref, 50) / 1e9,
-                         "ref_p50_ms": 1e3 * _pct(ref, 50)})
+            rows.append({"bytes": n, "gbps": n / percentile(times, 50) / 1e9, "p50_ms": 1e3 * percentile(times, 50),
+                         "p99_ms": 1e3 * percentile(times, 99), "ref_gbps": n / percentile(ref, 50) / 1e9,
+                         "ref_p50_ms": 1e3 * percentile(ref, 50)})
     finally:
         server.stop()
     return rows

@@ -170,9 +170,15 @@ def reasons(opts: PlanOptions, cost: WorkerCost, by: dict[tuple[str, int], dict[
         out.append(f"At concurrency {c1}, disaggregated answers in {d['e2el_p50_ms']:.0f} ms against "
                    f"{s['e2el_p50_ms']:.0f} ms colocated: a lone request only pays for the transfer.")
     what = "goodput" if key == "goodput" else "throughput"
-    out.append(f"Crossover: disaggregated first beats replicated on {what} at concurrency {cross}." if cross else
-               f"No crossover in {concurrencies[0]}-{concurrencies[-1]}: disaggregated never beats replicated on "
-               f"{what} by more than {100 * opts.tie_margin:g}%.")
+    if ("replicated", concurrencies[0]) not in by:
+        out.append("The budget holds one worker, so there is no replicated arm: disaggregated is compared with "
+                   "single, and its decode runs on hardware outside the budget." if opts.decode_hardware else
+                   "The budget holds one worker: nothing to replicate or split.")
+    elif cross:
+        out.append(f"Crossover: disaggregated first beats replicated on {what} at concurrency {cross}.")
+    else:
+        out.append(f"No crossover in {concurrencies[0]}-{concurrencies[-1]}: disaggregated never beats replicated "
+                   f"on {what} by more than {100 * opts.tie_margin:g}%.")
     if key != "goodput":
         out.append("No SLO given: at equal budget, throughput favours replication (or ties); give --slo-ttft-ms / "
                    "--slo-tpot-ms to plan for goodput.")
