@@ -112,7 +112,8 @@ def plan(opts: UpOptions, engine: EngineConfig) -> tuple[list[ProcSpec], ProcSpe
         else:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, group))
         workers.append(ProcSpec(f"{role}-{i}", role, argv, opts.host, port, env, f"{kind} {','.join(map(str, group))}"))
-    proxy_argv = [sys.executable, "-m", "disagg.cli", "proxy", "--host", opts.host, "--port", str(opts.port)]
+    proxy_argv = [sys.executable, "-m", "disagg.cli", "proxy", "--host", opts.host, "--port", str(opts.port),
+                  "--routing", opts.routing]
     if opts.arch == "disaggregated":
         proxy_argv += ["--mode", "disaggregated"]
         for w in workers:

@@ -20,6 +20,13 @@ KV_TRANSPORTS = ("tcp", "shm", "nixl")
 KV_CODECS = ("none", "fp16", "fp8", "int8", "int4")  # kv/codecs.py's, kept here so the CLI starts without torch
 
 
+def _check_routing(name: str) -> None:
+    from disagg.serve.routing import ROUTING
+
+    if name not in ROUTING:
+        raise ConfigError(f"routing must be one of {', '.join(ROUTING)}, got {name!r}")
+
+
 def _check_transport(name: str, codec: str) -> None:
     if name not in KV_TRANSPORTS:
         raise ConfigError(f"kv_transport must be one of {', '.join(KV_TRANSPORTS)}, got {name!r}")
@@ -92,12 +99,15 @@ class ProxyOptions:
                                                                   "to decode (off: decode recomputes it, as vLLM)"))
     kv_push: bool = field(default=False, metadata=_help("disaggregated: pick the decode worker first and have "
                                                         "prefill push the KV layer by layer as it computes"))
+    routing: str = field(default="round-robin", metadata=_help("round-robin, least-load (outstanding tokens) or "
+                                                               "session (a user/session_id keeps its worker)"))
     timeout: float = field(default=600.0, metadata=_help("seconds to wait for a worker's answer"))
     log_level: str = field(default="warning", metadata=_help("uvicorn log level"))
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _check_routing(self.routing)
         if self.mode == "single" and len(self.worker) != 1:
             raise ConfigError("--mode single takes exactly one --worker URL")
         if self.mode == "replicated" and not self.worker:
@@ -123,6 +133,8 @@ class UpOptions:
     stream_first_token: bool = field(default=True, metadata=_help("disaggregated: stream token 1 from prefill"))
     kv_push: bool = field(default=False, metadata=_help("disaggregated: prefill pushes KV layer by layer to a "
                                                         "decode worker chosen up front (instead of decode pulling)"))
+    routing: str = field(default="round-robin", metadata=_help("the proxy's policy: round-robin, least-load or "
+                                                               "session"))
     kv_lease: float = field(default=30.0, metadata=_help("seconds a prefill worker holds KV for decode"))
     kv_transport: str = field(default="tcp", metadata=_help("tcp, shm (shared memory between the workers) or nixl"))
     kv_codec: str = field(default="none", metadata=_help("KV wire codec: none, fp16, fp8, int8 or int4"))
@@ -138,6 +150,7 @@ class UpOptions:
             raise ConfigError(f"budget must be at least 1 unit, got {self.budget}")
         Link.parse(self.kv_bandwidth, self.kv_latency)
         _check_transport(self.kv_transport, self.kv_codec)
+        _check_routing(self.routing)
         if self.arch != "disaggregated" and (self.prefill or self.decode):
             raise ConfigError("--prefill and --decode apply to --arch disaggregated only")
         if self.arch == "disaggregated":

@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from disagg.kv.tcp import KVClient, KVTransferError
 from disagg.serve.options import ProxyOptions
 from disagg.serve.protocol import SSE_DONE, error_body, new_id, now, sse, stream_chunk, usage_chunk
-from disagg.serve.routing import RoundRobin, RoutingPolicy, WorkerHealth
+from disagg.serve.routing import RoutingPolicy, WorkerHealth, make_policy
 
 log = logging.getLogger("disagg.proxy")
 
@@ -48,7 +48,7 @@ class UpstreamError(Exception):
 class Proxy:
     def __init__(self, opts: ProxyOptions, policy: RoutingPolicy | None = None) -> None:
         self.opts = opts
-        self.policy = policy or RoundRobin()
+        self.policy = policy or make_policy(opts.routing)
         self.health = WorkerHealth()
         self.kv_client = KVClient()
         self._kv_addresses: dict[str, tuple[str, int]] = {}  # decode URL -> its KV port, for pushes
@@ -78,7 +78,7 @@ class Proxy:
                 kind = "" if pool == "workers" else f"{pool} "
                 raise UpstreamError(502, error_body(f"no {kind}worker is reachable ({', '.join(workers)})",
                                                     "bad_gateway", 502))
-            url = self.policy.select(pool, candidates, body)
+            url = only if only else self.policy.select(pool, candidates, body)  # `only`: selected already
             tried.add(url)
             try:
                 req = self.client.build_request("POST", url + path, json=body)
@@ -86,11 +86,16 @@ class Proxy:
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 log.warning("worker %s unreachable: %s", url, e)
                 self.health.mark_down(url)
+                self.policy.on_complete(url, body)
                 continue
-            except httpx.HTTPError as e:
-                raise UpstreamError(502, error_body(f"worker {url} failed: {e!r}", "bad_gateway", 502)) from e
+            except BaseException as e:
+                self.policy.on_complete(url, body)
+                if isinstance(e, httpx.HTTPError):
+                    raise UpstreamError(502, error_body(f"worker {url} failed: {e!r}", "bad_gateway", 502)) from e
+                raise
             self.health.mark_up(url)
             if resp.status_code != 200:
+                self.policy.on_complete(url, body)
                 data = (await resp.aread()) if stream else resp.content
                 await resp.aclose()
                 try:
@@ -206,6 +211,7 @@ class Proxy:
         if kvp is None or kvp.get("push_id") != push_id:  # no push started: decode must not wait for one
             await self._cancel_push(host, port, push_id, waiting)
             return await self._decode_phase(request, path, body, pre, kvp)
+        # from here `waiting` owns the decode's routing charge: passthrough or _open settle it
         chat = path.endswith("chat/completions")
         pull_body = body | {"kv_transfer_params": kvp}
 

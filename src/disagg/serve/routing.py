@@ -1,8 +1,14 @@
 """Routing policies: which worker of a pool gets the next request.
 
-One small interface, so that later policies (least-load, prefix-aware, session affinity) plug in
-beside round-robin. A policy sees the pool's healthy workers and the request body; the proxy
-tells it when a request ends and when a worker fails.
+One small interface: a policy sees the pool's healthy workers and the request body, and is told
+when each request it placed has ended (answered, failed or abandoned: exactly once per select).
+
+- round-robin: a counter per pool.
+- least-load: the worker with the fewest outstanding tokens (prompt + max_tokens of the requests
+  it was given that have not ended), as the proxy itself counts them.
+- session: a request's session (OpenAI's `user` field, or `session_id`) stays on the worker that
+  served it while that worker is healthy, so follow-up turns find their KV; new sessions, and
+  sessions whose worker died, go to the least-loaded worker.
 """
 
 from __future__ import annotations
@@ -35,6 +41,76 @@ class RoundRobin:
 
     def on_complete(self, worker: str, request: dict[str, Any]) -> None:
         pass
+
+
+ROUTING = ("round-robin", "least-load", "session")
+DEFAULT_MAX_TOKENS = 256  # what a request without max_tokens is counted as
+
+
+def estimated_tokens(request: dict[str, Any]) -> int:
+    """Prompt tokens (exact for token ids, ~4 characters a token for text) plus max_tokens."""
+    prompt = request.get("prompt")
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        n = len(prompt)
+    elif isinstance(prompt, str):
+        n = len(prompt) // 4 + 1
+    else:
+        messages = request.get("messages") if isinstance(request.get("messages"), list) else []
+        n = sum(len(str(m.get("content", ""))) // 4 + 4 for m in messages if isinstance(m, dict))
+    out = request.get("max_tokens", request.get("max_completion_tokens"))
+    return n + (out if isinstance(out, int) and out > 0 else DEFAULT_MAX_TOKENS)
+
+
+class LeastLoad:
+    def __init__(self) -> None:
+        self.load: dict[str, int] = {}
+        self._rr = RoundRobin()  # breaks ties, so an idle pool is still spread
+
+    def select(self, pool: str, workers: Sequence[str], request: dict[str, Any]) -> str:
+        start = self._rr.select(pool, range(len(workers)), request)
+        order = [workers[(start + i) % len(workers)] for i in range(len(workers))]
+        worker = min(order, key=lambda w: self.load.get(w, 0))
+        self.charge(worker, request)
+        return worker
+
+    def charge(self, worker: str, request: dict[str, Any]) -> None:
+        self.load[worker] = self.load.get(worker, 0) + estimated_tokens(request)
+
+    def on_complete(self, worker: str, request: dict[str, Any]) -> None:
+        self.load[worker] = max(0, self.load.get(worker, 0) - estimated_tokens(request))
+
+
+class SessionAffinity:
+    def __init__(self, max_sessions: int = 100_000) -> None:
+        self.fallback = LeastLoad()
+        self.sessions: dict[tuple[str, str], str] = {}  # (pool, session) -> worker, oldest first
+        self.max_sessions = max_sessions
+
+    @staticmethod
+    def session(request: dict[str, Any]) -> str | None:
+        key = request.get("session_id") or request.get("user")
+        return str(key)[:256] if key else None
+
+    def select(self, pool: str, workers: Sequence[str], request: dict[str, Any]) -> str:
+        key = self.session(request)
+        worker = self.sessions.get((pool, key)) if key else None
+        if worker in workers:
+            self.fallback.charge(worker, request)
+        else:  # a new session, or its worker is down: place it by load and remember
+            worker = self.fallback.select(pool, workers, request)
+        if key:
+            self.sessions.pop((pool, key), None)
+            self.sessions[(pool, key)] = worker
+            while len(self.sessions) > self.max_sessions:
+                self.sessions.pop(next(iter(self.sessions)))
+        return worker
+
+    def on_complete(self, worker: str, request: dict[str, Any]) -> None:
+        self.fallback.on_complete(worker, request)
+
+
+def make_policy(name: str) -> RoutingPolicy:
+    return {"round-robin": RoundRobin, "least-load": LeastLoad, "session": SessionAffinity}[name]()
 
 
 class WorkerHealth:

@@ -1,0 +1,68 @@
+"""Routing policies on their own, and session affinity through a real replicated cluster."""
+
+from __future__ import annotations
+
+import signal
+
+from disagg.serve.routing import LeastLoad, RoundRobin, SessionAffinity, estimated_tokens
+
+W = ["http://a", "http://b", "http://c"]
+
+
+def test_round_robin_cycles():
+    rr = RoundRobin()
+    assert [rr.select("workers", W, {}) for _ in range(4)] == ["http://a", "http://b", "http://c", "http://a"]
+
+
+def test_least_load_counts_outstanding_tokens_and_forgets_finished_ones():
+    ll = LeastLoad()
+    big = {"prompt": list(range(1000)), "max_tokens": 100}
+    small = {"prompt": "hi", "max_tokens": 4}
+    assert estimated_tokens(big) == 1100
+    first = ll.select("workers", W, big)
+    others = {ll.select("workers", W, small), ll.select("workers", W, small)}
+    assert first not in others  # the busy worker is avoided while two idle ones remain
+    ll.on_complete(first, big)
+    assert ll.load[first] == 0
+    assert sum(ll.load.values()) == 2 * estimated_tokens(small)
+
+
+def test_session_affinity_keeps_a_session_and_moves_it_when_its_worker_is_gone():
+    sa = SessionAffinity()
+    alice = {"user": "alice", "prompt": "hello", "max_tokens": 8}
+    home = sa.select("decode", W, alice)
+    for _ in range(5):
+        other = sa.select("decode", W, {"user": "bob", "prompt": "x" * 400, "max_tokens": 8})
+        assert sa.select("decode", W, alice) == home
+    assert other != home or len(W) == 1
+    moved = sa.select("decode", [w for w in W if w != home], alice)
+    assert moved != home
+    assert sa.select("decode", W, alice) == moved  # and stays where it moved
+    assert sa.select("prefill", W, alice) in W  # pools are separate
+
+
+def test_a_session_stays_on_one_replica_and_moves_when_it_dies():
+    from test_serve import MODEL, client, metrics, start
+
+    with start("replicated", routing="session") as c:
+        urls = c.worker_urls()
+
+        def served() -> dict[str, float]:
+            return {name: metrics(u).get('disagg_requests_total{finish_reason="length"}', 0.0)
+                    for name, u in urls.items()}
+
+        cl = client(c)
+        for _ in range(3):
+            cl.completions.create(model=MODEL, prompt="Hello", max_tokens=2, user="alice")
+        counts = served()
+        home = max(counts, key=counts.get)
+        assert counts[home] == 3
+        assert sum(counts.values()) == 3
+        survivor = next(n for n in urls if n != home)
+        before = served()[survivor]
+        victim = c.procs[home]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        r = cl.completions.create(model=MODEL, prompt="Hello", max_tokens=2, user="alice")
+        assert r.usage.completion_tokens == 2
+        assert metrics(urls[survivor])["disagg_requests_total{finish_reason=\"length\"}"] == before + 1
