@@ -319,3 +319,25 @@ def test_a_push_that_never_comes_does_not_keep_decode_blocks():
         # before the 30 s wait would
         assert wait_until(lambda: metrics(decode)["disagg_kv_blocks_used"] == 0, timeout=5)
         assert metrics(decode)["disagg_kv_pull_failures_total"] == 1
+
+
+def test_a_replica_serves_a_prefix_the_other_computed_from_the_shared_disk_pool(reference, tmp_path):
+    pool = str(tmp_path / "pool")
+    prompt = PROMPTS[3] * 3  # several full blocks
+    kw = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    with start("single") as c:  # without a pool: the reference continuation
+        expected = client(c).completions.create(prompt=prompt, **kw).choices[0].text
+    with start("replicated", kv_pool_dir=pool) as c:
+        urls = list(c.worker_urls().values())
+        first = httpx.post(urls[0] + "/v1/completions", timeout=60, json={"prompt": prompt, **{
+            k: v for k, v in kw.items() if k != "extra_body"}, "ignore_eos": True}).json()
+        assert first["choices"][0]["text"] == expected
+        assert wait_until(lambda: metrics(urls[0]).get("disagg_kv_pool_written_bytes_total", 0) > 0)
+        second = httpx.post(urls[1] + "/v1/completions", timeout=60, json={"prompt": prompt, **{
+            k: v for k, v in kw.items() if k != "extra_body"}, "ignore_eos": True}).json()
+        assert second["choices"][0]["text"] == expected  # the same greedy tokens from pooled KV
+        blocks = second["usage"]["prompt_tokens"] // 16
+        m = metrics(urls[1])
+        assert m['disagg_kv_pool_hit_blocks_total{tier="disk"}'] == blocks
+        assert m["disagg_kv_pool_saved_tokens_total"] == blocks * 16
+        assert wait_until(lambda: all_blocks_free(c))

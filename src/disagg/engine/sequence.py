@@ -32,6 +32,7 @@ class Sequence:
     num_imported_tokens: int = 0  # tokens whose KV arrives from another worker (counted as computed)
     hold_blocks: bool = False  # keep the blocks after finishing, until released (prefill role)
     layer_hook: Callable[[int], None] | None = None  # called as the prompt's last chunk passes each layer
+    on_prefilled: Callable[[Sequence], None] | None = None  # once, after the step that computed the prompt
     finish_reason: str | None = None  # stop | length | abort
     stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)

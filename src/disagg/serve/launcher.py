@@ -102,8 +102,9 @@ def plan(opts: UpOptions, engine: EngineConfig) -> tuple[list[ProcSpec], ProcSpe
         env = dict(base_env)
         argv = [sys.executable, "-m", "disagg.cli", "serve", "--role", role, "--host", opts.host, "--port", str(port),
                 "--kv-host", opts.host, "--kv-lease", str(opts.kv_lease), "--kv-transport", opts.kv_transport,
-                "--kv-codec", opts.kv_codec]
-        for flag, value in (("--kv-bandwidth", opts.kv_bandwidth), ("--kv-latency", opts.kv_latency)):
+                "--kv-codec", opts.kv_codec, "--kv-pool-memory", opts.kv_pool_memory]
+        for flag, value in (("--kv-bandwidth", opts.kv_bandwidth), ("--kv-latency", opts.kv_latency),
+                            ("--kv-pool-dir", opts.kv_pool_dir)):
             if value:
                 argv += [flag, value]
         if kind == "cpu":

@@ -31,6 +31,16 @@ class WorkerMetrics:
                                         registry=r)
         self.kv_lease_renewals = Counter("disagg_kv_lease_renewals", "Leases renewed by a decode worker that waits for "
                                          "cache blocks", registry=r)
+        self.pool_hits = Counter("disagg_kv_pool_hit_blocks", "KV pool blocks found, by tier", ["tier"], registry=r)
+        self.pool_misses = Counter("disagg_kv_pool_miss_blocks", "Prompt blocks the KV pool did not have",
+                                   registry=r)
+        self.pool_bytes_read = Counter("disagg_kv_pool_read_bytes", "Bytes loaded from the KV pool", registry=r)
+        self.pool_bytes_written = Counter("disagg_kv_pool_written_bytes", "Bytes stored into the KV pool",
+                                          registry=r)
+        self.pool_tokens_saved = Counter("disagg_kv_pool_saved_tokens", "Prompt tokens loaded instead of computed",
+                                         registry=r)
+        self.pool_load = Histogram("disagg_kv_pool_load_seconds", "Time to look up and load pooled blocks",
+                                   registry=r, buckets=_LATENCY_BUCKETS)
         self.kv_leases_expired = Counter("disagg_kv_leases_expired", "Held KV freed because no decode pulled it",
                                          registry=r)
         gauges = {

@@ -51,6 +51,11 @@ class ServeOptions:
                                                                "shm (same host) or nixl (RDMA where present)"))
     kv_codec: str = field(default="none", metadata=_help("decode: ask prefill workers to compress KV on the wire "
                                                           "(none, fp16, fp8, int8, int4)"))
+    kv_pool_memory: str = field(default="0", metadata=_help("KV pool memory tier, e.g. 1GiB (0: none): full "
+                                                            "prompt blocks kept beyond the KV cache"))
+    kv_pool_dir: str | None = field(default=None, metadata=_help("KV pool disk tier directory (survives restarts; "
+                                                                 "workers may share it)"))
+    kv_pool_disk: str = field(default="16GiB", metadata=_help("byte budget of the disk tier"))
     kv_bandwidth: str | None = field(default=None, metadata=_help("emulate a link rate for KV sent, e.g. 10gbit"))
     kv_latency: str | None = field(default=None, metadata=_help("emulate a one-way link delay for KV sent, e.g. 20us"))
     cpus: str | None = field(default=None, metadata=_help("pin to these CPU cores, e.g. 0,1 or 2-3 (threads default "
@@ -140,6 +145,9 @@ class UpOptions:
     kv_codec: str = field(default="none", metadata=_help("KV wire codec: none, fp16, fp8, int8 or int4"))
     kv_bandwidth: str | None = field(default=None, metadata=_help("emulated KV link rate, e.g. 10gbit"))
     kv_latency: str | None = field(default=None, metadata=_help("emulated KV link one-way delay, e.g. 20us"))
+    kv_pool_memory: str = field(default="0", metadata=_help("each worker's KV pool memory tier, e.g. 1GiB"))
+    kv_pool_dir: str | None = field(default=None, metadata=_help("KV pool disk tier directory, shared by the "
+                                                                 "workers"))
     startup_timeout: float = field(default=300.0, metadata=_help("seconds to wait for every worker's /health"))
     log_dir: str | None = field(default=None, metadata=_help("where worker logs go (default: a temporary folder)"))
 

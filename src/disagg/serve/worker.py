@@ -18,14 +18,17 @@ Any role serves ordinary requests too. /health is 503 until the model has loaded
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,14 +38,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from disagg.engine.async_engine import AsyncEngine, EngineDeadError
-from disagg.engine.config import EngineConfig
+from disagg.engine.config import EngineConfig, parse_bytes
+from disagg.engine.kv_cache import BLOCK_DIM
 from disagg.engine.llm_engine import ImportedKV, LLMEngine, RequestOutput
 from disagg.engine.sampler import TokenLogprob
 from disagg.engine.sampling import SamplingParams
 from disagg.engine.sequence import Sequence
 from disagg.errors import DisaggError, ModelNotFoundError
 from disagg.kv import nixl
-from disagg.kv.block_hash import tokens_digest
+from disagg.kv.block_hash import chain_hashes, tokens_digest
+from disagg.kv.pool import DiskTier, KVPool, MemoryTier
 from disagg.kv.push import Pusher, PushMeta, PushSlots
 from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError, is_loopback
 from disagg.serve.metrics import WorkerMetrics
@@ -83,6 +88,16 @@ class Worker:
         self.kv_server._push_check = self._check_push
         self.kv_port = 0
         self._tasks: list[asyncio.Task[Any]] = []
+        self.pool = self._make_pool()
+        self._pool_writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="disagg-kv-pool")
+
+    def _make_pool(self) -> KVPool | None:
+        tiers: list[MemoryTier | DiskTier] = []
+        if parse_bytes(self.opts.kv_pool_memory) > 0:
+            tiers.append(MemoryTier(parse_bytes(self.opts.kv_pool_memory)))
+        if self.opts.kv_pool_dir:
+            tiers.append(DiskTier(Path(self.opts.kv_pool_dir).expanduser(), parse_bytes(self.opts.kv_pool_disk)))
+        return KVPool(tiers) if tiers else None
 
     # ---- lifecycle ----
 
@@ -178,6 +193,10 @@ class Worker:
         elif kvp is not None and kvp.do_remote_prefill:
             prompt = engine.engine.make_sequence(rid, prompt, params)
             add = await (self._await_push(engine, kvp, prompt) if kvp.push_id else self._pull(engine, kvp, prompt))
+        if self.pool is not None and "kv" not in add and not (kvp is not None and kvp.do_remote_prefill):
+            if not isinstance(prompt, Sequence):
+                prompt = engine.engine.make_sequence(rid, prompt, params)
+            add |= await self._from_pool(engine, prompt)
         t0 = time.perf_counter()
         stream = engine.generate(prompt, params, request_id=rid, **add)
         try:
@@ -257,6 +276,42 @@ class Worker:
         self.metrics.kv_bytes_received.inc(payload.wire_bytes)
         self.metrics.kv_pulls.labels(via).inc()
         return {"kv": ImportedKV(payload.data, payload.num_tokens, payload.digest), "first_token_ids": first}
+
+    async def _from_pool(self, engine: AsyncEngine, seq: Sequence) -> dict[str, Any]:
+        """The prompt's longest pooled prefix as KV to import (when it beats the engine's own prefix
+        cache), and a hook that stores the prompt's full blocks once they are computed."""
+        e = engine.engine
+        bs = e.config.block_size
+        ids = seq.token_ids[: seq.num_prompt_tokens]
+        keys = chain_hashes(ids, bs, e.model_id)
+        out: dict[str, Any] = {"on_prefilled": lambda kv: self._pool_writer.submit(self._to_pool, keys, kv)}
+        if not keys:
+            return out
+        cached = await engine.call(lambda e: len(e.block_manager.cached_prefix(seq)))
+        hit = await asyncio.to_thread(self.pool.lookup, keys)
+        shape = e.kv_cache.export_shape(1)
+        size = math.prod(shape) * e.dtype.itemsize
+        blocks = list(itertools.takewhile(lambda b: len(b) == size, hit.blocks))  # a foreign shape: a miss
+        m = self.metrics
+        for tier in hit.tiers[: len(blocks)]:
+            m.pool_hits.labels(tier).inc()
+        m.pool_misses.inc(len(keys) - len(blocks))
+        m.pool_load.observe(hit.seconds)
+        if len(blocks) <= cached:
+            return out
+        m.pool_bytes_read.inc(size * len(blocks))
+        m.pool_tokens_saved.inc((len(blocks) - cached) * bs)
+        data = torch.cat([torch.frombuffer(bytearray(b), dtype=e.dtype).reshape(shape) for b in blocks], dim=BLOCK_DIM)
+        n = len(blocks) * bs
+        return out | {"kv": ImportedKV(data, n, tokens_digest(ids[:n]))}
+
+    def _to_pool(self, keys: list[bytes], kv: torch.Tensor) -> None:
+        """On the pool's writer thread: split the prompt's full blocks and store them."""
+        cpu = kv.to("cpu").contiguous()
+        blocks = [cpu.narrow(BLOCK_DIM, j, 1).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                  for j in range(cpu.shape[BLOCK_DIM])]
+        self.pool.store(keys[: len(blocks)], blocks)
+        self.metrics.pool_bytes_written.inc(sum(len(b) for b in blocks))
 
     def _pusher(self, engine: AsyncEngine, kvp: Any, seq: Sequence) -> Pusher | None:
         """A pusher for this prefill's KV, or None where pushing cannot work (the decode side then
