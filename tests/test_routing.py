@@ -47,9 +47,11 @@ def test_a_session_stays_on_one_replica_and_moves_when_it_dies():
     with start("replicated", routing="session") as c:
         urls = c.worker_urls()
 
+        def finished(url: str) -> float:  # requests finished, for any reason
+            return sum(v for k, v in metrics(url).items() if k.startswith("disagg_requests_total"))
+
         def served() -> dict[str, float]:
-            return {name: metrics(u).get('disagg_requests_total{finish_reason="length"}', 0.0)
-                    for name, u in urls.items()}
+            return {name: finished(u) for name, u in urls.items()}
 
         cl = client(c)
         for _ in range(3):
@@ -65,4 +67,40 @@ def test_a_session_stays_on_one_replica_and_moves_when_it_dies():
         victim.wait()
         r = cl.completions.create(model=MODEL, prompt="Hello", max_tokens=2, user="alice")
         assert r.usage.completion_tokens == 2
-        assert metrics(urls[survivor])["disagg_requests_total{finish_reason=\"length\"}"] == before + 1
+        assert finished(urls[survivor]) == before + 1
+
+
+def test_prefix_routing_follows_a_shared_prefix_until_load_outweighs_it():
+    from disagg.serve.routing import PrefixAware
+
+    pa = PrefixAware()
+    system = "You are a careful assistant. " * 40  # ~1,100 characters, ~280 tokens
+    one = {"prompt": system + "Question one?", "max_tokens": 16}
+    first = pa.select("workers", W, one)
+    pa.on_complete(first, one)
+    again = pa.select("workers", W, {"prompt": system + "Question two, longer?", "max_tokens": 16})
+    assert again == first  # the warm worker saves ~280 tokens of prefill
+    other = pa.select("workers", W, {"prompt": "Something else entirely. " * 40, "max_tokens": 16})
+    assert other != first  # a cold prompt goes where the load is lowest
+    # pile load on the warm worker until recomputing elsewhere is cheaper
+    for _ in range(5):
+        pa.load.charge(first, {"prompt": "x" * 4000, "max_tokens": 0})
+    assert pa.select("workers", W, {"prompt": system + "Question three?", "max_tokens": 16}) != first
+    chat = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]}
+    assert PrefixAware.chunks(chat)[0]  # chat prompts are chunked too
+
+
+def test_prefix_routing_sends_repeats_of_a_prefix_to_the_worker_that_holds_it():
+    from test_serve import MODEL, client, metrics, start
+
+    system = "The following is a conversation with a helpful assistant about the sea. " * 6
+    with start("replicated", routing="prefix") as c:
+        urls = c.worker_urls()
+        cl = client(c)
+        for q in ("What is a tide?", "Why is the sea salty?", "How deep is the ocean?"):
+            cl.completions.create(model=MODEL, prompt=system + q, max_tokens=2)
+        done = {n: sum(v for k, v in metrics(u).items() if k.startswith("disagg_requests_total"))
+                for n, u in urls.items()}
+        warm = max(done, key=done.get)
+        assert done[warm] == 3
+        assert metrics(urls[warm])["disagg_prefix_cache_hit_blocks"] > 0  # the repeats reused its cache

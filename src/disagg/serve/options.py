@@ -104,8 +104,9 @@ class ProxyOptions:
                                                                   "to decode (off: decode recomputes it, as vLLM)"))
     kv_push: bool = field(default=False, metadata=_help("disaggregated: pick the decode worker first and have "
                                                         "prefill push the KV layer by layer as it computes"))
-    routing: str = field(default="round-robin", metadata=_help("round-robin, least-load (outstanding tokens) or "
-                                                               "session (a user/session_id keeps its worker)"))
+    routing: str = field(default="round-robin", metadata=_help("round-robin, least-load (outstanding tokens), "
+                                                               "prefix (cache-aware) or session (user/session_id "
+                                                               "keeps its worker)"))
     timeout: float = field(default=600.0, metadata=_help("seconds to wait for a worker's answer"))
     log_level: str = field(default="warning", metadata=_help("uvicorn log level"))
 
@@ -138,8 +139,8 @@ class UpOptions:
     stream_first_token: bool = field(default=True, metadata=_help("disaggregated: stream token 1 from prefill"))
     kv_push: bool = field(default=False, metadata=_help("disaggregated: prefill pushes KV layer by layer to a "
                                                         "decode worker chosen up front (instead of decode pulling)"))
-    routing: str = field(default="round-robin", metadata=_help("the proxy's policy: round-robin, least-load or "
-                                                               "session"))
+    routing: str = field(default="round-robin", metadata=_help("the proxy's policy: round-robin, least-load, "
+                                                               "prefix or session"))
     kv_lease: float = field(default=30.0, metadata=_help("seconds a prefill worker holds KV for decode"))
     kv_transport: str = field(default="tcp", metadata=_help("tcp, shm (shared memory between the workers) or nixl"))
     kv_codec: str = field(default="none", metadata=_help("KV wire codec: none, fp16, fp8, int8 or int4"))

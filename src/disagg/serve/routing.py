@@ -6,6 +6,11 @@ when each request it placed has ended (answered, failed or abandoned: exactly on
 - round-robin: a counter per pool.
 - least-load: the worker with the fewest outstanding tokens (prompt + max_tokens of the requests
   it was given that have not ended), as the proxy itself counts them.
+- prefix: the worker whose cache most likely holds the request's leading text, weighed against
+  load (as Dynamo's KV router does): cost = prompt tokens it would have to prefill + its
+  outstanding tokens, lowest wins. The proxy does not tokenize, so it tracks what each worker was
+  sent as chained hashes of 64-character chunks (or 16-token chunks of token-id prompts), an
+  approximate radix tree like SGLang's cache-aware router, not the workers' own block hashes.
 - session: a request's session (OpenAI's `user` field, or `session_id`) stays on the worker that
   served it while that worker is healthy, so follow-up turns find their KV; new sessions, and
   sessions whose worker died, go to the least-loaded worker.
@@ -14,6 +19,7 @@ when each request it placed has ended (answered, failed or abandoned: exactly on
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -43,7 +49,7 @@ class RoundRobin:
         pass
 
 
-ROUTING = ("round-robin", "least-load", "session")
+ROUTING = ("round-robin", "least-load", "prefix", "session")
 DEFAULT_MAX_TOKENS = 256  # what a request without max_tokens is counted as
 
 
@@ -109,8 +115,62 @@ class SessionAffinity:
         self.fallback.on_complete(worker, request)
 
 
+class PrefixAware:
+    CHARS, TOKENS = 64, 16  # chunk sizes; ~4 characters a token
+
+    def __init__(self, max_chunks: int = 200_000) -> None:
+        self.load = LeastLoad()
+        self.seen: dict[tuple[str, str], OrderedDict[int, None]] = {}  # (pool, worker) -> chunk hashes
+        self.max_chunks = max_chunks
+
+    @classmethod
+    def chunks(cls, request: dict[str, Any]) -> tuple[list[int], int]:
+        """Chained hashes of the prompt's leading chunks, and the tokens one chunk stands for."""
+        prompt = request.get("prompt")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            parts = [tuple(prompt[i : i + cls.TOKENS]) for i in range(0, len(prompt) - cls.TOKENS + 1, cls.TOKENS)]
+            per = cls.TOKENS
+        else:
+            if isinstance(prompt, str):
+                text = prompt
+            else:
+                messages = request.get("messages") if isinstance(request.get("messages"), list) else []
+                text = "".join(f"<{m.get('role')}>{m.get('content')}" for m in messages if isinstance(m, dict))
+            parts = [text[i : i + cls.CHARS] for i in range(0, len(text) - cls.CHARS + 1, cls.CHARS)]
+            per = cls.CHARS // 4
+        out, h = [], 0
+        for part in parts:
+            h = hash((h, part))
+            out.append(h)
+        return out, per
+
+    def select(self, pool: str, workers: Sequence[str], request: dict[str, Any]) -> str:
+        keys, per = self.chunks(request)
+        total = estimated_tokens(request)
+
+        def cost(w: str) -> int:
+            seen = self.seen.get((pool, w), {})
+            matched = next((i for i, k in enumerate(keys) if k not in seen), len(keys))
+            return total - matched * per + self.load.load.get(w, 0)
+
+        start = self.load._rr.select(pool, range(len(workers)), request)  # ties rotate
+        worker = min((workers[(start + i) % len(workers)] for i in range(len(workers))), key=cost)
+        self.load.charge(worker, request)
+        seen = self.seen.setdefault((pool, worker), OrderedDict())
+        for k in keys:
+            seen[k] = None
+            seen.move_to_end(k)
+        while len(seen) > self.max_chunks:
+            seen.popitem(last=False)
+        return worker
+
+    def on_complete(self, worker: str, request: dict[str, Any]) -> None:
+        self.load.on_complete(worker, request)
+
+
 def make_policy(name: str) -> RoutingPolicy:
-    return {"round-robin": RoundRobin, "least-load": LeastLoad, "session": SessionAffinity}[name]()
+    return {"round-robin": RoundRobin, "least-load": LeastLoad, "prefix": PrefixAware,
+            "session": SessionAffinity}[name]()
 
 
 class WorkerHealth:
