@@ -71,8 +71,6 @@ class KVSizeOptions:
 
 
 def _cmd_kv_size(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rich.console import Console
     from rich.table import Table
 
@@ -80,18 +78,10 @@ def _cmd_kv_size(args: argparse.Namespace) -> int:
     from disagg.errors import ConfigError
     from disagg.kv.codecs import CODECS, bytes_per_token
     from disagg.kv.layout import dtype_bytes, format_bytes
-    from disagg.model.config import ModelConfig
-    from disagg.model.presets import PRESETS
+    from disagg.model.presets import config_named
 
     opts = config_from_args(KVSizeOptions, args)
-    if opts.model in PRESETS:
-        cfg = PRESETS[opts.model].config
-    else:
-        path = Path(opts.model)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.is_file():
-            raise ConfigError(f"{opts.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
-        cfg = ModelConfig.from_json_file(path)
+    cfg = config_named(opts.model)
     try:
         tokens = [int(t) for t in opts.tokens.split(",")]
         elem = dtype_bytes(opts.dtype)

@@ -97,3 +97,19 @@ PRESETS: dict[str, Preset] = {
         ),
     )
 }
+
+
+def config_named(name: str) -> ModelConfig:
+    """A model's shape without its weights: a preset, a Hugging Face config.json, or a directory
+    holding one (for size math and the planner)."""
+    from pathlib import Path
+
+    from disagg.errors import ConfigError
+
+    if name in PRESETS:
+        return PRESETS[name].config
+    path = Path(name)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"{name!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
+    return ModelConfig.from_json_file(path)

@@ -4,11 +4,10 @@ per token (matmuls, and attention as a function of context), weight bytes, KV by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from disagg.errors import ConfigError
 from disagg.kv.layout import dtype_bytes, kv_bytes_per_token
 from disagg.model.config import ModelConfig
+from disagg.model.presets import config_named
 
 
 @dataclass(frozen=True)
@@ -17,16 +16,7 @@ class ModelSpec:
 
     @classmethod
     def named(cls, name: str) -> ModelSpec:
-        from disagg.model.presets import PRESETS
-
-        if name in PRESETS:
-            return cls(PRESETS[name].config)
-        path = Path(name)
-        if path.is_dir():
-            path = path / "config.json"
-        if path.is_file():
-            return cls(ModelConfig.from_json_file(path))
-        raise ConfigError(f"unknown model {name!r}: give a preset ({', '.join(PRESETS)}) or a config.json")
+        return cls(config_named(name))
 
     @property
     def name(self) -> str:
