@@ -151,7 +151,7 @@ def test_a_small_real_compare_writes_every_file_with_consistent_numbers(tmp_path
 
 
 def test_crossover_needs_a_win_beyond_the_tie_margin_and_the_spread():
-    from disagg.bench.compare import crossover
+    from disagg.bench.metrics import crossover
 
     def point(v, spread=0.0):
         return {"output_throughput": v, "spread_output_throughput": spread}

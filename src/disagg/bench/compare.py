@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from disagg.bench.bench import progress_bar, requests_per_point, results_table, server_info, sweep
-from disagg.bench.metrics import DEFINITIONS
+from disagg.bench.metrics import DEFINITIONS, crossover
 from disagg.bench.options import CompareOptions, LoadOptions
 from disagg.engine.config import EngineConfig
 from disagg.errors import ConfigError
@@ -69,19 +69,6 @@ def averaged(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, floa
         mean["runs"] = len(rs)
         out[key] = mean
     return out
-
-
-def beats(a: dict[str, float], b: dict[str, float], metric: str, margin: float) -> bool:
-    """`a` wins on `metric` by more than `margin` (relative) and more than both points' run-to-run
-    spread: a difference this machine's noise could make is a tie, not a crossover."""
-    gap = a[metric] - b[metric]
-    return gap > margin * abs(b[metric]) and gap > a.get(f"spread_{metric}", 0.0) + b.get(f"spread_{metric}", 0.0)
-
-
-def crossover(avg: dict[tuple[str, int], dict[str, float]], metric: str, margin: float = 0.05) -> int | None:
-    """The lowest concurrency at which disaggregated beats replicated on `metric`, or None."""
-    cs = sorted({c for a, c in avg if a == "disaggregated"} & {c for a, c in avg if a == "replicated"})
-    return next((c for c in cs if beats(avg[("disaggregated", c)], avg[("replicated", c)], metric, margin)), None)
 
 
 def findings(avg: dict[tuple[str, int], dict[str, float]], archs: tuple[str, ...],

@@ -106,3 +106,16 @@ def summarize(records: list[RequestRecord], duration: float, slo_ttft_ms: float 
         for q in percentiles:
             result[f"p{q:g}_{name}_ms"] = percentile(ms, q)
     return result
+
+
+def beats(a: dict[str, float], b: dict[str, float], metric: str, margin: float) -> bool:
+    """`a` wins on `metric` by more than `margin` (relative) and more than both points' run-to-run
+    spread: a difference this machine's noise could make is a tie, not a crossover."""
+    gap = a[metric] - b[metric]
+    return gap > margin * abs(b[metric]) and gap > a.get(f"spread_{metric}", 0.0) + b.get(f"spread_{metric}", 0.0)
+
+
+def crossover(avg: dict[tuple[str, int], dict[str, float]], metric: str, margin: float = 0.05) -> int | None:
+    """The lowest concurrency at which disaggregated beats replicated on `metric`, or None."""
+    cs = sorted({c for a, c in avg if a == "disaggregated"} & {c for a, c in avg if a == "replicated"})
+    return next((c for c in cs if beats(avg[("disaggregated", c)], avg[("replicated", c)], metric, margin)), None)

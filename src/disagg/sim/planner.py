@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from disagg.bench.metrics import beats, crossover
 from disagg.bench.options import parse_ints
 from disagg.bench.workloads import parse_len
 from disagg.errors import ConfigError
@@ -91,10 +92,6 @@ def setups(opts: PlanOptions) -> tuple[list[Setup], list[Setup], WorkerCost]:
     return colocated, splits, cost
 
 
-def objective(s: dict[str, float], opts: PlanOptions) -> float:
-    return s["request_goodput"] if (opts.slo_ttft_ms or opts.slo_tpot_ms) else s["output_throughput"]
-
-
 def _row(setup: Setup, c: int, s: dict[str, float]) -> dict[str, Any]:
     cl = setup.cluster
     return {"arch": setup.arch, "units": cl.units, "prefill_units": setup.prefill_units,
@@ -108,6 +105,7 @@ def plan(opts: PlanOptions) -> dict[str, Any]:
     colocated, splits, cost = setups(opts)
     concurrencies = parse_ints(opts.concurrency, "concurrency")
     slo = (opts.slo_ttft_ms, opts.slo_tpot_ms)
+    key = "goodput" if any(slo) else "output_throughput"  # what "better" means here
     preds: list[dict[str, Any]] = []
     for setup in colocated:
         for c in concurrencies:
@@ -118,37 +116,30 @@ def plan(opts: PlanOptions) -> dict[str, Any]:
         for setup in splits:
             rows = [_row(setup, c, run_summary(setup.cluster, workload(opts, c), c, None, *slo))
                     for c in concurrencies]
-            key = "goodput" if any(slo) else "output_throughput"
             # the split that does best where load is highest, then on the sum
             scored.append(((rows[-1][key], sum(r[key] for r in rows)), setup, rows))
         _, best_split, split_preds = max(scored, key=lambda t: t[0])
         preds += split_preds
     by = {(p["arch"], p["concurrency"]): p for p in preds}
-    key = "goodput" if any(slo) else "output_throughput"
-    cross = None
-    if splits and any(s.arch == "replicated" for s in colocated):
-        cross = next((c for c in concurrencies if by[("disaggregated", c)][key]
-                      > by[("replicated", c)][key] * (1 + opts.tie_margin)), None)
+    cross = crossover(by, key, opts.tie_margin)
     top = concurrencies[-1]
     at_top = {a: by[(a, top)] for a in ("single", "replicated", "disaggregated") if (a, top) in by}
     choice = max(at_top, key=lambda a: (at_top[a][key], a == "replicated"))
-    if choice == "disaggregated" and "replicated" in at_top and \
-            at_top["disaggregated"][key] <= at_top["replicated"][key] * (1 + opts.tie_margin):
+    if choice == "disaggregated" and "replicated" in at_top and not beats(
+            at_top["disaggregated"], at_top["replicated"], key, opts.tie_margin):
         choice = "replicated"  # a tie goes to the simpler system
     rec = {"arch": choice,
            "prefill_units": best_split.prefill_units if choice == "disaggregated" else 0,
            "decode_units": best_split.decode_units if choice == "disaggregated" else 0,
-           "reasons": reasons(opts, cost, by, concurrencies, cross, choice, key)}
+           "reasons": reasons(opts, cost, colocated[0].cluster.link, by, concurrencies, cross, choice, key)}
     return {"predictions": preds, "crossover_concurrency": cross, "recommendation": rec,
             "model": opts.model, "hardware": opts.hardware, "units": opts.units, "link": opts.link,
             "tp_per_worker": cost.tp,
             "best_split": [best_split.prefill_units, best_split.decode_units] if best_split else None}
 
 
-def reasons(opts: PlanOptions, cost: WorkerCost, by: dict[tuple[str, int], dict[str, Any]],
+def reasons(opts: PlanOptions, cost: WorkerCost, link: Link, by: dict[tuple[str, int], dict[str, Any]],
             concurrencies: tuple[int, ...], cross: int | None, choice: str, key: str) -> list[str]:
-    _, links = catalogs(opts)
-    link = find(links, opts.link, "link")
     (ilo, ihi), (olo, ohi) = parse_len(opts.input_len, "input-len"), parse_len(opts.output_len, "output-len")
     n_in, n_out = (ilo + ihi) // 2, (olo + ohi) // 2
     m = cost.model
