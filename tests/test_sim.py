@@ -141,15 +141,7 @@ def test_calibration_fit_recovers_the_factors_it_was_made_with():
                  attn_mfu=true["attn_flops"] / true["prefill_flops"], overlap=False)
     c = WorkerCost(spec, dev, "fp32", Efficiency.of(dev))
 
-    def prefill(n, budget=512):
-        t, done = 0.0, 0
-        while done < n:
-            k = min(budget, n - done)
-            t += c.step_time([(k, done)], [])
-            done += k
-        return t
-
-    measured = {"prefill": {n: prefill(n) for n in (128, 256, 512, 1024)},
+    measured = {"prefill": {n: c.prefill_time(n, 512) for n in (128, 256, 512, 1024)},
                 "decode": {b: c.decode_step_time(b, 256) for b in (1, 4, 16)}}
     got = fit(spec, "fp32", measured, 512, 256)
     for k, v in true.items():

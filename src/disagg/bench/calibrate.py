@@ -206,12 +206,7 @@ def main(opts: CalibrateOptions, engine_config: EngineConfig) -> int:
     for col in ("what", "measured ms", "model ms", "error"):
         table.add_column(col, justify="right")
     for n, t in measured["prefill"].items():
-        chunks, done, budget = [], 0, engine_config.max_num_batched_tokens
-        while done < n:
-            k = min(budget, n - done)
-            chunks.append(cost.step_time([(k, done)], []))
-            done += k
-        model_t = sum(chunks)
+        model_t = cost.prefill_time(n, engine_config.max_num_batched_tokens)
         table.add_row(f"prefill {n} tokens", f"{1000 * t:.1f}", f"{1000 * model_t:.1f}",
                       f"{100 * (model_t / t - 1):+.0f}%")
     for b, t in measured["decode"].items():

@@ -9,6 +9,7 @@ random tokens of the answers' lengths: the OpenAI API does not return token ids)
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,12 +68,8 @@ async def run_load(client: BenchClient, sessions: list[Session], load: Load, war
         tasks = []
         for s in sessions:
             tasks.append(asyncio.create_task(gated(s)))
-            if load.request_rate > 0 and not isinf(load.request_rate):
+            if load.request_rate > 0 and not math.isinf(load.request_rate):
                 shape = load.burstiness
                 await asyncio.sleep(rng.gammavariate(shape, 1.0 / (load.request_rate * shape)))
         await asyncio.gather(*tasks)
     return records, client.now() - start
-
-
-def isinf(x: float) -> bool:
-    return x == float("inf")

@@ -82,10 +82,9 @@ class Worker:
         self.leases: dict[str, float] = {}  # held request id -> monotonic expiry
         secret = os.environ.get("DISAGG_KV_SECRET") or None
         self.kv_server = KVServer(self._export, self._release, secret=secret, on_sent=self.metrics.kv_bytes_sent.inc,
-                                  link=opts.link(), renew=self._renew)
+                                  link=opts.link(), renew=self._renew, push_slots=PushSlots(wait=opts.kv_lease),
+                                  push_check=self._check_push)
         self.kv_client = KVClient(secret=secret)
-        self.kv_server.push_slots = PushSlots(wait=opts.kv_lease)
-        self.kv_server._push_check = self._check_push
         self.kv_port = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self.pool = self._make_pool()

@@ -85,8 +85,10 @@ class WorkerCost:
         memory = (m.weight_bytes(self.dtype) + kv_read) / (self.device.mem_bw * self.scale * e.bw_util)
         return (max(compute, memory) if e.overlap else compute + memory) + e.step_overhead
 
-    def prefill_time(self, tokens: int) -> float:
-        return self.step_time([(tokens, 0)], [])
+    def prefill_time(self, tokens: int, token_budget: int | None = None) -> float:
+        """A prompt alone, in chunks of `token_budget` tokens (one step without a budget)."""
+        budget = token_budget or tokens
+        return sum(self.step_time([(min(budget, tokens - done), done)], []) for done in range(0, tokens, budget))
 
     def decode_step_time(self, batch: int, context: int) -> float:
         return self.step_time([], [context] * batch)
