@@ -20,10 +20,10 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from disagg.kv.framing import KVTransferError
+from disagg.kv.shm import address
 
 Region = tuple[int, int, int]  # address, bytes, device id
 
@@ -43,7 +43,7 @@ def available() -> bool:
 
 def view_regions(views: Sequence[memoryview]) -> list[Region]:
     """Host-memory regions of byte views (device id 0)."""
-    return [(int(np.frombuffer(v, dtype=np.uint8).ctypes.data), v.nbytes, 0) for v in views]
+    return [(address(v), v.nbytes, 0) for v in views]
 
 
 def tensor_regions(t: torch.Tensor) -> list[Region]:

@@ -25,6 +25,11 @@ from disagg.kv.framing import CHUNK, KVTransferError, checksum
 SHM_DIR = "/dev/shm"
 
 
+def address(buf: Any) -> int:
+    """Where a buffer (memoryview, mmap) starts in this process's memory."""
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
+
+
 class SharedMemory:
     """An unnamed shared-memory file of `size` bytes, mapped read-write."""
 
@@ -38,7 +43,7 @@ class SharedMemory:
             os.close(self.fd)
             raise
         self.ino = os.fstat(self.fd).st_ino
-        self.base = int(np.frombuffer(self.mm, dtype=np.uint8).ctypes.data)
+        self.base = address(self.mm)
 
     def tensor(self) -> torch.Tensor:
         """The whole memory as a uint8 tensor (shares it)."""
@@ -52,7 +57,7 @@ class SharedMemory:
         """[offset, length] of each view inside this memory, or None if any lies outside."""
         out = []
         for v in views:
-            off = int(np.frombuffer(v, dtype=np.uint8).ctypes.data) - self.base
+            off = address(v) - self.base
             if not 0 <= off <= self.size - v.nbytes:
                 return None
             out.append([off, v.nbytes])
