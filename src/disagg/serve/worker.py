@@ -46,7 +46,7 @@ from disagg.engine.sampling import SamplingParams
 from disagg.engine.sequence import Sequence
 from disagg.errors import DisaggError, ModelNotFoundError
 from disagg.kv import nixl
-from disagg.kv.block_hash import chain_hashes, tokens_digest
+from disagg.kv.block_hash import tokens_digest
 from disagg.kv.pool import DiskTier, KVPool, MemoryTier
 from disagg.kv.push import Pusher, PushMeta, PushSlots
 from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError, is_loopback
@@ -282,11 +282,15 @@ class Worker:
         e = engine.engine
         bs = e.config.block_size
         ids = seq.token_ids[: seq.num_prompt_tokens]
-        keys = chain_hashes(ids, bs, e.model_id)
+
+        def prefix_state(eng: LLMEngine) -> tuple[int, list[bytes]]:  # blocks hashed once, for cache and pool
+            eng.block_manager.update_hashes(seq)
+            return len(eng.block_manager.cached_prefix(seq)), list(seq.block_hashes)
+
+        cached, keys = await engine.call(prefix_state)
         out: dict[str, Any] = {"on_prefilled": lambda kv: self._pool_writer.submit(self._to_pool, keys, kv)}
         if not keys:
             return out
-        cached = await engine.call(lambda e: len(e.block_manager.cached_prefix(seq)))
         hit = await asyncio.to_thread(self.pool.lookup, keys)
         shape = e.kv_cache.export_shape(1)
         size = math.prod(shape) * e.dtype.itemsize
