@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import socket
+import subprocess
+import time
 
 import pytest
 import torch
@@ -61,3 +66,37 @@ def full_logits(model: LlamaModel, ids: list[int], block_size: int = 16) -> torc
     with torch.inference_mode():
         positions = torch.arange(n, device=dev)
         return model(torch.tensor(ids, device=dev), positions, caches, meta, positions)
+
+
+def start_redis(workdir) -> tuple[subprocess.Popen, str]:
+    """A real redis-server on a free loopback port: (process, URL). `make test` installs it; elsewhere
+    its tests skip (in CI they fail, so the pool's Redis tier is always tested there)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (make test installs it)")
+        pytest.skip("redis-server is not installed (make test installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """One redis-server for the session, stopped after."""
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    proc.terminate()
+    proc.wait(10)

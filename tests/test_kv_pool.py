@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from disagg.kv.block_hash import chain_hashes
-from disagg.kv.pool import DiskTier, KVPool, MemoryTier
+from disagg.kv.pool import DiskTier, KVPool, MemoryTier, RedisTier
 
 MODEL = "m/float32"
 
@@ -73,8 +73,75 @@ def test_corrupt_or_truncated_entries_are_dropped_never_returned(tmp_path):
     second = disk._path(keys[1])
     second.write_bytes(second.read_bytes()[:-10])  # truncated
     assert KVPool([disk]).lookup(keys).blocks == []
-    assert disk.stats.corrupt == 1
+    assert disk.stats.corrupt == 2  # both read in one batch, both caught
     assert not first.exists()
+    assert not second.exists()
     assert disk.get(keys[1]) is None
-    assert disk.stats.corrupt == 2
     assert disk.used == 0
+    KVPool([disk]).store(keys, data)  # recomputed and stored again: usable
+    assert KVPool([disk]).lookup(keys).blocks == data
+
+
+# ---- the Redis tier, against a real redis-server (conftest.py starts one) ----
+
+
+def test_two_workers_share_blocks_through_redis(redis_url):
+    keys, data = blocks(4, size=300_000)
+    writer = KVPool([MemoryTier(1 << 30), RedisTier(redis_url, 1 << 30, namespace="t1:")])
+    writer.store(keys[:3], data[:3])
+    other_redis = RedisTier(redis_url, 1 << 30, namespace="t1:")  # another worker, cold memory
+    other_memory = MemoryTier(1 << 30)
+    hit = KVPool([other_memory, other_redis]).lookup(keys)
+    assert hit.blocks == data[:3]
+    assert hit.tiers == ["redis"] * 3
+    assert other_redis.stats.hits == 3
+    assert other_redis.stats.misses == 1  # block 4: looked up, not there
+    assert other_memory.get(keys[0]) == data[0]  # promoted
+
+
+def test_redis_budget_holds_across_writers_and_evicts_least_recently_used(redis_url):
+    import redis
+
+    keys, data = blocks(6, size=100_000)
+    a = RedisTier(redis_url, 350_000, namespace="t2:")
+    b = RedisTier(redis_url, 350_000, namespace="t2:")
+    a.put_many(keys[:2], data[:2])
+    b.put_many(keys[2:3], data[2:3])
+    assert a.get(keys[0]) == data[0]  # block 0 used again: block 1 is now the oldest
+    b.put_many(keys[3:4], data[3:4])  # 4 blocks > 350 kB: one must go
+    r = redis.Redis.from_url(redis_url)
+    assert int(r.get("t2:bytes")) <= 350_000
+    assert a.contains_many(keys[:4]) == [True, False, True, True]
+    assert a.stats.evicted + b.stats.evicted == 1
+
+
+def test_corrupt_redis_entries_are_dropped_and_counted(redis_url):
+    import redis
+
+    keys, data = blocks(2)
+    tier = RedisTier(redis_url, 1 << 20, namespace="t3:")
+    KVPool([tier]).store(keys, data)
+    r = redis.Redis.from_url(redis_url)
+    r.setrange("t3:" + keys[1].hex(), 40, b"\xff\xff")  # bytes flipped inside the payload
+    assert KVPool([tier]).lookup(keys).blocks == data[:1]
+    assert tier.stats.corrupt == 1
+    assert not r.exists("t3:" + keys[1].hex())
+
+
+def test_an_unreachable_redis_is_a_clear_error_at_start_and_a_miss_later(tmp_path):
+    import pytest
+
+    from conftest import start_redis
+    from disagg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot reach the KV pool's Redis"):
+        RedisTier("redis://127.0.0.1:1/0", 1 << 20)
+    keys, data = blocks(2)
+    proc, url = start_redis(tmp_path)
+    tier = RedisTier(url, 1 << 20)
+    proc.kill()  # the server goes away mid-run
+    proc.wait()
+    pool = KVPool([MemoryTier(1 << 20), tier])
+    pool.store(keys, data)  # no exception: the memory tier still works
+    assert pool.lookup(keys).blocks == data
+    assert tier.stats.errors >= 1

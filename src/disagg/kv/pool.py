@@ -6,17 +6,22 @@ first, each optional and with a byte budget:
 
 - memory: this process, least recently used first out;
 - disk:   a directory (the "NVMe" tier); files are written atomically (a temporary file, then a
-          rename) and survive a worker restart.
+          rename) and survive a worker restart; several workers may share one directory;
+- redis:  a Redis server several workers share (the remote tier): one key per block, a sorted
+          set of last uses and a byte counter, so the budget holds across all its writers.
 
-Reads walk a prefix: the longest run of leading blocks that some tier holds, promoted into the
-faster tiers on the way. Writes go through every tier ("through") or into memory only, reaching
-disk when memory evicts them ("back"). Every stored block carries an XXH3-64 of its bytes; a
-corrupt or truncated entry is dropped and counted, never returned.
+Reads walk a prefix: one batched existence check per tier finds the longest run of leading blocks
+that some tier holds, then each tier is read once for its part, and what slower tiers gave is
+promoted into the faster ones. Writes go through every tier ("through") or into memory only,
+reaching the lower tiers when memory evicts them ("back"). Every stored block carries an XXH3-64
+of its bytes; a corrupt or truncated entry is dropped and counted, never returned. A tier that
+fails (Redis gone) answers as a miss and counts the error: the pool never fails a request.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import struct
 import threading
@@ -27,6 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
+
+from disagg.errors import ConfigError
+
+log = logging.getLogger("disagg.kv.pool")
 
 MAGIC = b"DKV1"
 HEADER = struct.Struct("<4sQQ")  # magic, payload length, xxh3 of the payload
@@ -55,9 +64,37 @@ class TierStats:
     bytes_written: int = 0
     corrupt: int = 0
     evicted: int = 0
+    errors: int = 0
 
 
-class MemoryTier:
+class Tier:
+    """What the pool asks of a tier. The batched forms default to one call per key; a remote tier
+    overrides them to make one round trip."""
+
+    name = "tier"
+    stats: TierStats
+
+    def get(self, key: bytes) -> bytes | None:
+        raise NotImplementedError
+
+    def put(self, key: bytes, data: bytes) -> None:
+        raise NotImplementedError
+
+    def contains(self, key: bytes) -> bool:
+        raise NotImplementedError
+
+    def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        return [self.contains(k) for k in keys]
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        return [self.get(k) for k in keys]
+
+    def put_many(self, keys: Sequence[bytes], blocks: Sequence[bytes]) -> None:
+        for key, data in zip(keys, blocks, strict=True):
+            self.put(key, data)
+
+
+class MemoryTier(Tier):
     name = "memory"
 
     def __init__(self, budget_bytes: int) -> None:
@@ -66,6 +103,9 @@ class MemoryTier:
         self._blocks: OrderedDict[bytes, bytes] = OrderedDict()
         self.stats = TierStats()
         self.on_evict: Callable[[bytes, bytes], None] = lambda key, blob: None
+
+    def contains(self, key: bytes) -> bool:
+        return key in self._blocks
 
     def get(self, key: bytes) -> bytes | None:
         blob = self._blocks.get(key)
@@ -83,6 +123,7 @@ class MemoryTier:
             return
         self._blocks[key] = blob
         self.used += len(blob)
+        self.stats.bytes_written += len(data)
         while self.used > self.budget:
             old, old_blob = self._blocks.popitem(last=False)
             self.used -= len(old_blob)
@@ -95,12 +136,16 @@ class MemoryTier:
             self.used -= len(blob)
 
 
-class DiskTier:
+class DiskTier(Tier):
     name = "disk"
 
     def __init__(self, root: str | Path, budget_bytes: int) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot use {self.root} as the KV pool's disk tier: {e.strerror}; "
+                              "pass another --kv-pool-dir, or '' for none") from e
         self.budget = budget_bytes
         self.stats = TierStats()
         # what is there already (a restarted worker keeps its blocks), oldest first
@@ -111,6 +156,9 @@ class DiskTier:
     def _path(self, key: bytes) -> Path:
         name = key.hex()
         return self.root / name[:2] / f"{name}.kv"
+
+    def contains(self, key: bytes) -> bool:
+        return self._path(key).exists()  # a file another worker sharing the directory wrote counts
 
     def get(self, key: bytes) -> bytes | None:
         path = self._path(key)
@@ -126,7 +174,8 @@ class DiskTier:
             return None
         if key.hex() in self._files:
             self._files.move_to_end(key.hex())
-        os.utime(path)  # most recently used, for eviction after a restart too
+        with contextlib.suppress(OSError):
+            os.utime(path)  # most recently used, for eviction after a restart too
         return data
 
     def put(self, key: bytes, data: bytes) -> None:
@@ -141,6 +190,7 @@ class DiskTier:
         os.replace(tmp, path)  # readers see the old state or the whole new file, never half of it
         self._files[key.hex()] = len(blob)
         self.used += len(blob)
+        self.stats.bytes_written += len(data)
         while self.used > self.budget and self._files:
             old, size = self._files.popitem(last=False)
             self.used -= size
@@ -156,6 +206,125 @@ class DiskTier:
             self._path(key).unlink()
 
 
+class RedisTier(Tier):
+    """Blocks in a shared Redis server. Keys are `<namespace><hex>`; `<namespace>lru` scores each
+    block by its last use and `<namespace>bytes` counts what they take, so whichever worker pushes
+    the total past the budget evicts the least recently used blocks, whoever wrote them."""
+
+    name = "redis"
+
+    def __init__(self, url: str, budget_bytes: int, namespace: str = "disagg:kv:") -> None:
+        import redis
+
+        self._errors = (redis.RedisError, OSError)
+        self.budget = budget_bytes
+        self.ns = namespace
+        self.stats = TierStats()
+        try:
+            self.r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            self.r.ping()
+        except (*self._errors, ValueError) as e:
+            raise ConfigError(f"cannot reach the KV pool's Redis at {url}: {e}; start redis-server or drop "
+                              "--kv-pool-redis") from e
+        self._lru, self._bytes = namespace + "lru", namespace + "bytes"
+
+    def _key(self, key: bytes) -> str:
+        return self.ns + key.hex()
+
+    def _failed(self, e: Exception) -> None:
+        self.stats.errors += 1
+        if self.stats.errors == 1 or self.stats.errors % 1000 == 0:
+            log.warning("KV pool's Redis tier failed (%d errors so far): %s; treated as a miss", self.stats.errors, e)
+
+    def contains(self, key: bytes) -> bool:
+        return self.contains_many([key])[0]
+
+    def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        if not keys:
+            return []
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            for k in keys:
+                pipe.exists(self._key(k))
+            return [bool(x) for x in pipe.execute()]
+        except self._errors as e:
+            self._failed(e)
+            return [False] * len(keys)
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        if not keys:
+            return []
+        try:
+            blobs = self.r.mget([self._key(k) for k in keys])
+        except self._errors as e:
+            self._failed(e)
+            return [None] * len(keys)
+        out: list[bytes | None] = []
+        used: dict[str, float] = {}
+        for k, blob in zip(keys, blobs, strict=True):
+            data = unpack(blob) if blob is not None else None
+            if blob is not None and data is None:
+                self.stats.corrupt += 1
+                self.discard(k)
+            elif data is not None:
+                used[self._key(k)] = time.time()
+            out.append(data)
+        if used:
+            with contextlib.suppress(*self._errors):
+                self.r.zadd(self._lru, used)
+        return out
+
+    def put(self, key: bytes, data: bytes) -> None:
+        self.put_many([key], [data])
+
+    def put_many(self, keys: Sequence[bytes], blocks: Sequence[bytes]) -> None:
+        blobs = [pack(d) for d in blocks]
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            for k, blob in zip(keys, blobs, strict=True):
+                pipe.set(self._key(k), blob, nx=True)
+            added = pipe.execute()
+            new = [(self._key(k), len(b)) for k, b, ok in zip(keys, blobs, added, strict=True) if ok]
+            if not new:
+                return
+            pipe.zadd(self._lru, {name: time.time() for name, _ in new})
+            pipe.incrby(self._bytes, sum(n for _, n in new))
+            used = pipe.execute()[-1]
+            self.stats.bytes_written += sum(n - HEADER.size for _, n in new)
+            if used > self.budget:
+                self._evict(used - self.budget)
+        except self._errors as e:
+            self._failed(e)
+
+    def _evict(self, excess: int) -> None:
+        while excess > 0:
+            oldest = self.r.zpopmin(self._lru, 1)
+            if not oldest:
+                return
+            name = oldest[0][0]
+            pipe = self.r.pipeline(transaction=False)
+            pipe.strlen(name)
+            pipe.delete(name)
+            size = pipe.execute()[0]
+            if size:
+                self.r.decrby(self._bytes, size)
+                self.stats.evicted += 1
+            excess -= max(size, 1)
+
+    def discard(self, key: bytes) -> None:
+        with contextlib.suppress(*self._errors):
+            size = self.r.strlen(self._key(key))
+            pipe = self.r.pipeline(transaction=False)
+            pipe.delete(self._key(key))
+            pipe.zrem(self._lru, self._key(key))
+            if size:
+                pipe.decrby(self._bytes, size)
+            pipe.execute()
+
+
 @dataclass
 class LookupResult:
     blocks: list[bytes]
@@ -165,7 +334,7 @@ class LookupResult:
 
 @dataclass
 class KVPool:
-    tiers: list[MemoryTier | DiskTier]
+    tiers: list[Tier]
     policy: str = "through"  # or "back"
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -178,35 +347,38 @@ class KVPool:
             def spill(key: bytes, data: bytes) -> None:
                 for tier in lower:
                     tier.put(key, data)
-                    tier.stats.bytes_written += len(data)
 
             self.tiers[0].on_evict = spill
 
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """The longest run of leading blocks the pool holds, promoted into faster tiers."""
         t0 = time.perf_counter()
-        found, where = [], []
         with self._lock:
-            for key in keys:
-                for i, tier in enumerate(self.tiers):
-                    data = tier.get(key)
-                    if data is not None:
-                        tier.stats.hits += 1
-                        tier.stats.bytes_read += len(data)
-                        for faster in self.tiers[:i]:
-                            faster.put(key, data)
-                        found.append(data)
-                        where.append(tier.name)
-                        break
-                    tier.stats.misses += 1
-                else:
-                    break
-        return LookupResult(found, where, time.perf_counter() - t0)
+            where: list[int | None] = [None] * len(keys)
+            for i, tier in enumerate(self.tiers):  # one batched existence check per tier
+                todo = [j for j, w in enumerate(where) if w is None]
+                for j, present in zip(todo, tier.contains_many([keys[j] for j in todo]), strict=True):
+                    if present:
+                        where[j] = i
+            n = next((j for j, w in enumerate(where) if w is None), len(keys))
+            found: list[bytes | None] = [None] * n
+            for i, tier in enumerate(self.tiers):  # one read per tier, of its part of the prefix
+                mine = [j for j in range(n) if where[j] == i]
+                for j, data in zip(mine, tier.get_many([keys[j] for j in mine]), strict=True):
+                    found[j] = data
+            n = next((j for j, d in enumerate(found) if d is None), n)  # vanished or corrupt: cut there
+            for i, tier in enumerate(self.tiers):
+                mine = [j for j in range(n) if where[j] == i]
+                tier.stats.hits += len(mine)
+                tier.stats.bytes_read += sum(len(found[j]) for j in mine)
+                tier.stats.misses += sum(1 for w in where[: n + 1] if w is None or w > i)
+                for j in mine:
+                    for faster in self.tiers[:i]:
+                        faster.put(keys[j], found[j])
+        blocks = [b for b in found[:n] if b is not None]
+        return LookupResult(blocks, [self.tiers[where[j]].name for j in range(n)], time.perf_counter() - t0)
 
     def store(self, keys: Sequence[bytes], blocks: Sequence[bytes]) -> None:
         with self._lock:
-            targets = self.tiers if self.policy == "through" else self.tiers[:1]
-            for key, data in zip(keys, blocks, strict=True):
-                for tier in targets:
-                    tier.put(key, data)
-                    tier.stats.bytes_written += len(data)
+            for tier in self.tiers if self.policy == "through" else self.tiers[:1]:
+                tier.put_many(keys, blocks)

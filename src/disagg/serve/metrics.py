@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 disable_created_metrics()  # the *_created series only add noise to a scrape
 
@@ -31,12 +34,6 @@ class WorkerMetrics:
                                         registry=r)
         self.kv_lease_renewals = Counter("disagg_kv_lease_renewals", "Leases renewed by a decode worker that waits for "
                                          "cache blocks", registry=r)
-        self.pool_hits = Counter("disagg_kv_pool_hit_blocks", "KV pool blocks found, by tier", ["tier"], registry=r)
-        self.pool_misses = Counter("disagg_kv_pool_miss_blocks", "Prompt blocks the KV pool did not have",
-                                   registry=r)
-        self.pool_bytes_read = Counter("disagg_kv_pool_read_bytes", "Bytes loaded from the KV pool", registry=r)
-        self.pool_bytes_written = Counter("disagg_kv_pool_written_bytes", "Bytes stored into the KV pool",
-                                          registry=r)
         self.pool_tokens_saved = Counter("disagg_kv_pool_saved_tokens", "Prompt tokens loaded instead of computed",
                                          registry=r)
         self.pool_load = Histogram("disagg_kv_pool_load_seconds", "Time to look up and load pooled blocks",
@@ -54,3 +51,27 @@ class WorkerMetrics:
         }
         for key, (name, text) in gauges.items():
             Gauge(name, text, registry=r).set_function(lambda key=key: stats()[key])
+
+    def watch_pool(self, tiers: Sequence[Any]) -> None:
+        """Export each KV pool tier's own counters (kv/pool.py TierStats), labelled by tier."""
+        self.registry.register(_PoolCollector(tiers))
+
+
+class _PoolCollector(Collector):
+    FIELDS = (("hits", "hit_blocks", "KV pool blocks found"),
+              ("misses", "miss_blocks", "Prompt blocks looked up and not found"),
+              ("bytes_read", "read_bytes", "Bytes loaded from the KV pool"),
+              ("bytes_written", "written_bytes", "Bytes stored into the KV pool"),
+              ("corrupt", "corrupt_blocks", "Pool entries that failed their checksum, dropped"),
+              ("evicted", "evicted_blocks", "Blocks evicted to keep the tier's byte budget"),
+              ("errors", "errors", "Tier operations that failed (answered as misses)"))
+
+    def __init__(self, tiers: Sequence[Any]) -> None:
+        self.tiers = tiers
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for attr, name, text in self.FIELDS:
+            family = CounterMetricFamily(f"disagg_kv_pool_{name}", f"{text}, by tier", labels=["tier"])
+            for tier in self.tiers:
+                family.add_metric([tier.name], getattr(tier.stats, attr))
+            yield family
