@@ -122,8 +122,10 @@ def test_workloads_are_seeded_and_shaped_as_named():
     assert max(tails) > 4 * sorted(tails)[len(tails) // 2]  # long-tailed
 
 
-def test_a_small_real_compare_writes_every_file_with_consistent_numbers(tmp_path):
+def test_a_small_real_compare_writes_every_file_with_consistent_numbers(tmp_path, monkeypatch):
     from disagg.bench.compare import run, write
+
+    monkeypatch.setenv("DISAGG_CACHE_DIR", str(tmp_path / "cache"))  # the clusters' disk pool goes there
 
     load = LoadOptions(input_len="24", output_len="6", num_prompts=4, warmup=1, concurrency="1,2")
     opts = CompareOptions(budget=2, out_dir=str(tmp_path))

@@ -104,3 +104,62 @@ def test_prefix_routing_sends_repeats_of_a_prefix_to_the_worker_that_holds_it():
         warm = max(done, key=done.get)
         assert done[warm] == 3
         assert metrics(urls[warm])["disagg_prefix_cache_hit_blocks"] > 0  # the repeats reused its cache
+
+
+# ---- routing on the block hashes workers report (serve/kv_index.py) ----
+
+
+def test_kv_events_follow_the_prefix_cache_and_fall_back_to_a_snapshot(tiny):
+    from disagg.engine.sampling import SamplingParams
+
+    log = tiny.block_manager.events
+    start = log.number
+    prompt = list(range(1, 70))  # four full blocks of 16
+    tiny.generate([prompt], SamplingParams(max_tokens=1, temperature=0))
+    stored = [h for _, s, h in log.since(start) if s]
+    assert len(stored) == 4
+    assert set(stored) <= set(tiny.block_manager.cached_hashes())
+    assert log.since(log.number) == []
+    log._log.popleft()  # the oldest event fell off: a reader from before it needs a snapshot
+    assert log.since(start) is None
+
+
+def test_the_index_matches_leading_blocks_from_reports_and_predictions(monkeypatch):
+    from disagg.serve.kv_index import KVIndex
+
+    index = KVIndex(predicted_ttl=5.0)
+    h = [bytes([i]) * 16 for i in range(4)]
+    index.apply("http://a", {"epoch": "e1", "number": 3, "snapshot": [x.hex() for x in h[:3]]})
+    assert index.matched("http://a", h) == 3
+    index.apply("http://a", {"epoch": "e1", "number": 4, "events": [[0, h[1].hex()]]})
+    assert index.matched("http://a", h) == 1  # block 1 evicted: the prefix stops there
+    index.predict("http://b", h)
+    assert index.matched("http://b", h) == 4
+    clock = [1000.0]
+    monkeypatch.setattr("disagg.serve.kv_index.time.monotonic", lambda: clock[0])
+    index.predict("http://c", h[:2])
+    index.apply("http://c", {"epoch": "e2", "number": 1, "events": [[1, h[0].hex()]]})
+    clock[0] += 6  # predictions expire unless a report confirmed them
+    assert index.matched("http://c", h) == 1
+    assert index.view("http://a").number == 4
+
+
+def test_the_proxy_hashes_prompts_exactly_as_the_worker_does(smol):
+    from disagg.engine.sampling import SamplingParams
+    from disagg.model.tokenizer import Tokenizer
+    from disagg.serve.kv_index import PromptHasher
+
+    hasher = PromptHasher(Tokenizer.from_dict(smol.tokenizer.to_dict()), smol.model_id, smol.config.block_size)
+    messages = [{"role": "system", "content": "You answer in French. " * 8},
+                {"role": "user", "content": [{"type": "text", "text": "Say hello "}, {"type": "text", "text": "2x"}]}]
+    text = "The capital of France is Paris. " * 8
+    for body, prompt in (({"messages": messages}, smol.tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "Say hello 2x"}
+             for m in messages])), ({"prompt": text}, text)):
+        ids = hasher.token_ids(body)
+        seq = smol.make_sequence("r", prompt, SamplingParams(max_tokens=1))
+        smol.block_manager.update_hashes(seq)
+        assert ids == seq.token_ids
+        assert hasher.hashes(ids) == seq.block_hashes
+        assert len(seq.block_hashes) >= 3
+    assert hasher.token_ids({"messages": [{"role": "user"}]}) is None  # unreadable: the worker will say why

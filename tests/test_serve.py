@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import json
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
 
 import httpx
@@ -33,8 +37,14 @@ PROMPTS = [
 MAX_TOKENS = 8
 
 
+POOLS = tempfile.mkdtemp(prefix="disagg-test-pools-")
+atexit.register(shutil.rmtree, POOLS, True)
+
+
 def start(arch: str, **kw) -> Cluster:
+    """A cluster with the launcher's defaults, but a disk pool of its own (not the user's cache)."""
     budget = kw.pop("budget", 1 if arch == "single" else 2)
+    kw.setdefault("kv_pool_dir", tempfile.mkdtemp(dir=POOLS))
     opts = UpOptions(arch=arch, budget=budget, port=free_port(), startup_timeout=120, **kw)
     return Cluster(opts, kw.pop("engine", ENGINE)).start()
 
@@ -104,6 +114,33 @@ def test_chat_streaming_with_usage(cluster):
                                                               "France?"}], max_tokens=30, temperature=0)
     assert whole.choices[0].message.content == text
     assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens
+
+
+def test_return_token_ids_gives_the_prompt_and_every_generated_id(cluster):
+    tok = resolve(MODEL).tokenizer
+    prompt = PROMPTS[3]
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    whole = httpx.post(cluster.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert whole["prompt_token_ids"] == tok.encode(prompt)
+    assert len(whole["token_ids"]) == MAX_TOKENS  # token 1 from prefill included, in disaggregated too
+    assert tok.decode(whole["token_ids"]) == whole["text"]
+    ids, prompt_ids = [], None
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=body | {"stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                ids += choice["token_ids"]
+                prompt_ids = prompt_ids or choice.get("prompt_token_ids")
+    assert ids == whole["token_ids"]
+    assert prompt_ids == whole["prompt_token_ids"]
+    chat = httpx.post(cluster.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "return_token_ids": True,
+        "ignore_eos": True}).json()
+    assert len(chat["choices"][0]["token_ids"]) == 3
+    assert chat["prompt_token_ids"] == tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hi"}]))
+    plain = httpx.post(cluster.url + "/v1/completions", json=body | {"return_token_ids": False}, timeout=60).json()
+    assert "token_ids" not in plain["choices"][0]
 
 
 def test_eight_concurrent_requests_of_mixed_lengths(cluster):
@@ -233,7 +270,8 @@ def test_disagg_up_serves_and_sigterm_leaves_no_process(tmp_path):
 
     marker = f"DISAGG_TEST_MARKER_{uuid.uuid4().hex}"
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISAGG_")} | {"TEST_MARKER": marker}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISAGG_")} | {
+        "TEST_MARKER": marker, "DISAGG_KV_POOL_DIR": str(tmp_path / "pool")}
     proc = subprocess.Popen([sys.executable, "-m", "disagg.cli", "up", "--arch", "disaggregated", "--budget", "2",
                              "--model", "tiny", "--kv-cache-memory", "16MiB", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -332,7 +370,7 @@ def test_a_replica_serves_a_prefix_the_other_computed_from_the_shared_disk_pool(
         first = httpx.post(urls[0] + "/v1/completions", timeout=60, json={"prompt": prompt, **{
             k: v for k, v in kw.items() if k != "extra_body"}, "ignore_eos": True}).json()
         assert first["choices"][0]["text"] == expected
-        assert wait_until(lambda: metrics(urls[0]).get("disagg_kv_pool_written_bytes_total", 0) > 0)
+        assert wait_until(lambda: metrics(urls[0]).get('disagg_kv_pool_written_bytes_total{tier="disk"}', 0) > 0)
         second = httpx.post(urls[1] + "/v1/completions", timeout=60, json={"prompt": prompt, **{
             k: v for k, v in kw.items() if k != "extra_body"}, "ignore_eos": True}).json()
         assert second["choices"][0]["text"] == expected  # the same greedy tokens from pooled KV

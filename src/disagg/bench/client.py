@@ -33,15 +33,17 @@ class BenchClient:
         return time.perf_counter() - self.t0
 
     async def send(self, prompt: list[int], max_tokens: int) -> tuple[RequestRecord, list[int] | str]:
-        """One streamed request; returns its record and what it generated (text)."""
+        """One streamed request; returns its record and what it generated: token ids where the
+        server returns them (vLLM's return_token_ids), else text."""
         body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                                "stream_options": {"include_usage": True}}
+                                "stream_options": {"include_usage": True}, "return_token_ids": True}
         if self.model:
             body["model"] = self.model
         if self.ignore_eos:
             body["ignore_eos"] = True
         rec = RequestRecord(prompt_tokens=len(prompt), sent=self.now())
         text: list[str] = []
+        ids: list[int] | None = None
         usage = None
         try:
             async with self.http.stream("POST", self.url, json=body) as resp:
@@ -63,6 +65,8 @@ class BenchClient:
                         if choice.get("text"):
                             rec.chunk_times.append(self.now())
                             text.append(choice["text"])
+                        if isinstance(choice.get("token_ids"), list):
+                            ids = (ids or []) + [int(t) for t in choice["token_ids"]]
             rec.end = self.now()
             rec.output_tokens = int(usage["completion_tokens"]) if usage else len(rec.chunk_times)
             if usage and usage.get("prompt_tokens"):
@@ -71,4 +75,4 @@ class BenchClient:
         except (httpx.HTTPError, RuntimeError, ValueError, KeyError, TypeError) as e:
             rec.end = self.now()
             rec.error = str(e) or type(e).__name__
-        return rec, "".join(text)
+        return rec, ids if ids is not None else "".join(text)

@@ -2,8 +2,9 @@
 rate with gamma-distributed gaps (Poisson at burstiness 1, burstier below 1, steadier above).
 
 Warm-up requests go first and are not recorded. Multi-turn sessions run turn after turn on one
-client; a turn's prompt is the session's history (earlier prompts and stand-ins for the answers,
-random tokens of the answers' lengths: the OpenAI API does not return token ids) plus new tokens.
+client; a turn's prompt is the session's history (earlier prompts and the answers' token ids, which
+the client asks for with vLLM's return_token_ids; stand-ins of the answers' lengths from a server
+that does not return them) plus new tokens, so a server's prefix cache sees what a chat would send.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ async def _run_session(client: BenchClient, session: Session, rng: random.Random
     history: list[int] = []
     for turn in session.turns:
         prompt = history + list(turn.new_tokens)
-        rec, _ = await client.send(prompt, turn.max_tokens)
+        rec, answer = await client.send(prompt, turn.max_tokens)
         records.append(rec)
         on_done()
         if not rec.ok:
             return
-        history = prompt + [rng.randrange(1000, 20000) for _ in range(rec.output_tokens)]
+        if not isinstance(answer, list) or len(answer) != rec.output_tokens:
+            answer = [rng.randrange(1000, 20000) for _ in range(rec.output_tokens)]
+        history = prompt + answer
 
 
 async def run_load(client: BenchClient, sessions: list[Session], load: Load, warmup: list[Session] = (),

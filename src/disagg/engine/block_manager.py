@@ -12,11 +12,14 @@ uncached blocks long enough for its prompt plus max_tokens, softly claims that r
 into it block by block. Claims are hints: when blocks run short anyone may take a claimed block.
 
 Every check has its action: `can_allocate` / `allocate`.
+
+Every block entering or leaving the prefix cache is logged (`events`), so a router can follow
+which prefixes this worker holds (serve/kv_index.py), as Dynamo's KV events do.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence as Seq
 
 from disagg.engine.sequence import Sequence
@@ -32,6 +35,32 @@ class Block:
         self.hash: bytes | None = None
 
 
+class KVEvents:
+    """Numbered log of prefix-cache changes: (number, stored?, hash); the oldest fall off, and a
+    reader that fell behind them must start again from a snapshot of the whole cache."""
+
+    def __init__(self, keep: int = 65_536) -> None:
+        self.number = 0
+        self._log: deque[tuple[int, bool, bytes]] = deque(maxlen=keep)
+
+    def add(self, stored: bool, h: bytes) -> None:
+        self.number += 1
+        self._log.append((self.number, stored, h))
+
+    def clear(self) -> None:
+        self.number += 1
+        self._log.clear()
+
+    def since(self, number: int) -> list[tuple[int, bool, bytes]] | None:
+        """What happened after event `number`, or None when some of it is no longer kept."""
+        log = list(self._log)  # a copy: the engine thread appends while an HTTP thread reads
+        if number >= self.number:
+            return []
+        if not log or log[0][0] > number + 1:
+            return None
+        return [e for e in log if e[0] > number]
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, model_id: str, enable_caching: bool = True) -> None:
         self.block_size = block_size
@@ -43,6 +72,7 @@ class BlockManager:
         self._claims: dict[int, str] = {}  # free block id -> request id that means to grow into it
         self._claimed_by: dict[str, list[int]] = {}
         self._watermark = 0  # blocks at and above it were never handed out: one long free run
+        self.events = KVEvents()
         self.hits = 0  # prefix-cache hits, in blocks, counted when a request is admitted
         self.queries = 0  # full blocks looked up at admission
 
@@ -93,6 +123,7 @@ class BlockManager:
             if block.hash is None and h not in self._cached:
                 block.hash = h
                 self._cached[h] = block.block_id
+                self.events.add(True, h)
         seq.num_registered_blocks = full
 
     # ---- allocation ----
@@ -132,6 +163,7 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.hash is not None:  # evict the cached content this block still held
             del self._cached[block.hash]
+            self.events.add(False, block.hash)
             block.hash = None
         block.ref_count = 1
 
@@ -197,3 +229,7 @@ class BlockManager:
         for block in self.blocks:
             block.hash = None
         self._cached.clear()
+        self.events.clear()
+
+    def cached_hashes(self) -> list[bytes]:
+        return list(self._cached)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from disagg.errors import ConfigError
 from disagg.model.config import ModelConfig
 from disagg.model.tokenizer import Tokenizer
+from disagg.paths import cache_root
 
 CONVERTER_VERSION = 1  # bump when the output format changes, so stale caches are not reused
 
@@ -48,12 +48,6 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-
-def cache_root() -> Path:
-    if d := os.environ.get("DISAGG_CACHE_DIR"):
-        return Path(d)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "disagg"
 
 
 def cached_dir_for(gguf_path: Path) -> Path:

@@ -116,15 +116,33 @@ class Tokenizer:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         return cls(tok, chat_template=CHATML_TEMPLATE, eos_token_ids=(0, 2))
 
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        self._tok.save(str(path / "tokenizer.json"))
+    def _config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"add_bos_token": self.add_bos, "chat_template": self.chat_template}
         if self.eos_token_ids:
             cfg["eos_token"] = self._tok.id_to_token(self.eos_token_ids[0])
         if self.bos_token_id is not None:
             cfg["bos_token"] = self._tok.id_to_token(self.bos_token_id)
-        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+        return cfg
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        self._tok.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(json.dumps(self._config(), indent=2))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything a router needs to tokenize as this worker does, as JSON (no pickle on the wire)."""
+        return {"tokenizer": self._tok.to_str(), "config": self._config(), "eos_token_ids": list(self.eos_token_ids)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Tokenizer:
+        try:
+            tok = HFTokenizer.from_str(d["tokenizer"])
+            cfg = d["config"]
+            bos = cfg.get("bos_token")
+            return cls(tok, chat_template=cfg.get("chat_template"), eos_token_ids=[int(t) for t in d["eos_token_ids"]],
+                       bos_token_id=tok.token_to_id(bos) if bos else None, add_bos=bool(cfg.get("add_bos_token")))
+        except Exception as e:  # tokenizers raises its own exception types on a bad description
+            raise ConfigError(f"not a tokenizer description: {e}") from e
 
     # ---- use ----
 

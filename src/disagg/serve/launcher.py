@@ -102,9 +102,10 @@ def plan(opts: UpOptions, engine: EngineConfig) -> tuple[list[ProcSpec], ProcSpe
         env = dict(base_env)
         argv = [sys.executable, "-m", "disagg.cli", "serve", "--role", role, "--host", opts.host, "--port", str(port),
                 "--kv-host", opts.host, "--kv-lease", str(opts.kv_lease), "--kv-transport", opts.kv_transport,
-                "--kv-codec", opts.kv_codec, "--kv-pool-memory", opts.kv_pool_memory]
+                "--kv-codec", opts.kv_codec, "--kv-pool-memory", opts.kv_pool_memory,
+                "--kv-pool-disk", opts.kv_pool_disk]
         for flag, value in (("--kv-bandwidth", opts.kv_bandwidth), ("--kv-latency", opts.kv_latency),
-                            ("--kv-pool-dir", opts.kv_pool_dir)):
+                            ("--kv-pool-dir", opts.pool_dir()), ("--kv-pool-redis", opts.kv_pool_redis)):
             if value:
                 argv += [flag, value]
         if kind == "cpu":
@@ -114,7 +115,8 @@ def plan(opts: UpOptions, engine: EngineConfig) -> tuple[list[ProcSpec], ProcSpe
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, group))
         workers.append(ProcSpec(f"{role}-{i}", role, argv, opts.host, port, env, f"{kind} {','.join(map(str, group))}"))
     proxy_argv = [sys.executable, "-m", "disagg.cli", "proxy", "--host", opts.host, "--port", str(opts.port),
-                  "--routing", opts.routing]
+                  "--routing", opts.routing, "--local-prefill-threshold", str(opts.local_prefill_threshold),
+                  "--prefill-queue-limit", str(opts.prefill_queue_limit)]
     if opts.arch == "disaggregated":
         proxy_argv += ["--mode", "disaggregated"]
         for w in workers:

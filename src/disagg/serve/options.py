@@ -36,6 +36,13 @@ def _check_transport(name: str, codec: str) -> None:
         raise ConfigError(f"kv_codec must be one of {', '.join(KV_CODECS)}, got {codec!r}")
 
 
+def _check_pool(write: str, redis_url: str | None) -> None:
+    if write not in ("through", "back"):
+        raise ConfigError(f"kv_pool_write must be through or back, got {write!r}")
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"kv_pool_redis must be a redis://host:port/db URL, got {redis_url!r}")
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """the worker (each flag also reads DISAGG_<FLAG> from the environment)"""
@@ -56,6 +63,11 @@ class ServeOptions:
     kv_pool_dir: str | None = field(default=None, metadata=_help("KV pool disk tier directory (survives restarts; "
                                                                  "workers may share it)"))
     kv_pool_disk: str = field(default="16GiB", metadata=_help("byte budget of the disk tier"))
+    kv_pool_redis: str | None = field(default=None, metadata=_help("KV pool Redis tier, e.g. redis://127.0.0.1:6379/0 "
+                                                                   "(shared by every worker pointed at it)"))
+    kv_pool_redis_budget: str = field(default="4GiB", metadata=_help("byte budget of the Redis tier (all workers)"))
+    kv_pool_write: str = field(default="through", metadata=_help("KV pool writes: through (every tier at once) or "
+                                                                 "back (lower tiers when memory evicts)"))
     kv_bandwidth: str | None = field(default=None, metadata=_help("emulate a link rate for KV sent, e.g. 10gbit"))
     kv_latency: str | None = field(default=None, metadata=_help("emulate a one-way link delay for KV sent, e.g. 20us"))
     cpus: str | None = field(default=None, metadata=_help("pin to these CPU cores, e.g. 0,1 or 2-3 (threads default "
@@ -73,6 +85,7 @@ class ServeOptions:
         self.cpu_list()
         self.link()
         _check_transport(self.kv_transport, self.kv_codec)
+        _check_pool(self.kv_pool_write, self.kv_pool_redis)
 
     def link(self) -> Link:
         return Link.parse(self.kv_bandwidth, self.kv_latency)
@@ -104,9 +117,16 @@ class ProxyOptions:
                                                                   "to decode (off: decode recomputes it, as vLLM)"))
     kv_push: bool = field(default=False, metadata=_help("disaggregated: pick the decode worker first and have "
                                                         "prefill push the KV layer by layer as it computes"))
-    routing: str = field(default="round-robin", metadata=_help("round-robin, least-load (outstanding tokens), "
-                                                               "prefix (cache-aware) or session (user/session_id "
-                                                               "keeps its worker)"))
+    routing: str = field(default="prefix", metadata=_help("prefix (to the worker holding most of the prompt's KV, "
+                                                          "weighed against load), round-robin, least-load "
+                                                          "(outstanding tokens) or session (user/session_id keeps "
+                                                          "its worker)"))
+    local_prefill_threshold: int = field(default=0, metadata=_help(
+        "disaggregated: a prompt whose uncached part is shorter than this many tokens is prefilled by the decode "
+        "worker itself (0: always remote)"))
+    prefill_queue_limit: int = field(default=0, metadata=_help(
+        "disaggregated: when every prefill worker has this many requests in flight, decode workers prefill "
+        "locally (0: no limit)"))
     timeout: float = field(default=600.0, metadata=_help("seconds to wait for a worker's answer"))
     log_level: str = field(default="warning", metadata=_help("uvicorn log level"))
 
@@ -114,6 +134,8 @@ class ProxyOptions:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _check_routing(self.routing)
+        if self.local_prefill_threshold < 0 or self.prefill_queue_limit < 0:
+            raise ConfigError("local_prefill_threshold and prefill_queue_limit must be >= 0")
         if self.mode == "single" and len(self.worker) != 1:
             raise ConfigError("--mode single takes exactly one --worker URL")
         if self.mode == "replicated" and not self.worker:
@@ -139,16 +161,22 @@ class UpOptions:
     stream_first_token: bool = field(default=True, metadata=_help("disaggregated: stream token 1 from prefill"))
     kv_push: bool = field(default=False, metadata=_help("disaggregated: prefill pushes KV layer by layer to a "
                                                         "decode worker chosen up front (instead of decode pulling)"))
-    routing: str = field(default="round-robin", metadata=_help("the proxy's policy: round-robin, least-load, "
-                                                               "prefix or session"))
+    routing: str = field(default="prefix", metadata=_help("the proxy's policy: prefix, round-robin, least-load or "
+                                                          "session"))
+    local_prefill_threshold: int = field(default=0, metadata=_help("disaggregated: prompts with fewer uncached "
+                                                                   "tokens are prefilled on the decode worker"))
+    prefill_queue_limit: int = field(default=0, metadata=_help("disaggregated: requests in flight per prefill "
+                                                               "worker beyond which decode prefills locally"))
     kv_lease: float = field(default=30.0, metadata=_help("seconds a prefill worker holds KV for decode"))
     kv_transport: str = field(default="tcp", metadata=_help("tcp, shm (shared memory between the workers) or nixl"))
     kv_codec: str = field(default="none", metadata=_help("KV wire codec: none, fp16, fp8, int8 or int4"))
     kv_bandwidth: str | None = field(default=None, metadata=_help("emulated KV link rate, e.g. 10gbit"))
     kv_latency: str | None = field(default=None, metadata=_help("emulated KV link one-way delay, e.g. 20us"))
-    kv_pool_memory: str = field(default="0", metadata=_help("each worker's KV pool memory tier, e.g. 1GiB"))
-    kv_pool_dir: str | None = field(default=None, metadata=_help("KV pool disk tier directory, shared by the "
-                                                                 "workers"))
+    kv_pool_memory: str = field(default="1GiB", metadata=_help("each worker's KV pool memory tier (0: none)"))
+    kv_pool_dir: str = field(default="auto", metadata=_help("KV pool disk tier directory, shared by the workers "
+                                                            "(auto: ~/.cache/disagg/kv-pool; '': none)"))
+    kv_pool_disk: str = field(default="16GiB", metadata=_help("byte budget of the disk tier"))
+    kv_pool_redis: str | None = field(default=None, metadata=_help("KV pool Redis tier URL shared by the workers"))
     startup_timeout: float = field(default=300.0, metadata=_help("seconds to wait for every worker's /health"))
     log_dir: str | None = field(default=None, metadata=_help("where worker logs go (default: a temporary folder)"))
 
@@ -160,6 +188,9 @@ class UpOptions:
         Link.parse(self.kv_bandwidth, self.kv_latency)
         _check_transport(self.kv_transport, self.kv_codec)
         _check_routing(self.routing)
+        _check_pool("through", self.kv_pool_redis)
+        if self.local_prefill_threshold < 0 or self.prefill_queue_limit < 0:
+            raise ConfigError("local_prefill_threshold and prefill_queue_limit must be >= 0")
         if self.arch != "disaggregated" and (self.prefill or self.decode):
             raise ConfigError("--prefill and --decode apply to --arch disaggregated only")
         if self.arch == "disaggregated":
@@ -168,6 +199,13 @@ class UpOptions:
             p, d = self.split()
             if p < 1 or d < 1 or p + d > self.budget:
                 raise ConfigError(f"--prefill {p} + --decode {d} must each be >= 1 and fit the budget of {self.budget}")
+
+    def pool_dir(self) -> str | None:
+        if self.kv_pool_dir == "auto":
+            from disagg.paths import default_kv_pool_dir
+
+            return str(default_kv_pool_dir())
+        return self.kv_pool_dir or None
 
     def split(self) -> tuple[int, int]:
         """(prefill units, decode units) of a disaggregated cluster."""

@@ -66,6 +66,7 @@ class _Common(BaseModel):
     frequency_penalty: float = 0.0
     user: str | None = Field(default=None, max_length=512)
     kv_transfer_params: KVTransferParams | None = None
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the answer
 
     @field_validator("n")
     @classmethod
@@ -188,10 +189,16 @@ def sse(obj: dict[str, Any]) -> bytes:
 
 def stream_chunk(rid: str, created: int, model: str | None, chat: bool, text: str, *, role: bool = False,
                  finish_reason: str | None = None, stop_reason: int | str | None = None,
-                 logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A streamed completion (or chat completion, with `role` on its first delta) chunk."""
+                 logprobs: dict[str, Any] | None = None, token_ids: list[int] | None = None,
+                 prompt_token_ids: list[int] | None = None) -> dict[str, Any]:
+    """A streamed completion (or chat completion, with `role` on its first delta) chunk; with
+    return_token_ids, the chunk's token ids (and, on the first, the prompt's), as vLLM sends them."""
     base = {"id": rid, "created": created, "model": model}
-    tail = {"logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason}
+    tail: dict[str, Any] = {"logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason}
+    if token_ids is not None:
+        tail["token_ids"] = token_ids
+    if prompt_token_ids is not None:
+        tail["prompt_token_ids"] = prompt_token_ids
     if chat:
         delta = {"role": "assistant", "content": text} if role else {"content": text}
         return base | {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta} | tail]}

@@ -14,6 +14,13 @@ With --kv-push the decode worker is chosen first and the prefill worker pushes t
 layer while it computes (kv/push.py); token 1 still comes from prefill. If the push cannot start
 or fails, the decode request is cancelled or fails and the proxy falls back to the pull above.
 
+Routing (serve/routing.py) is prefix-aware by default: the proxy follows the block hashes each
+worker reports (serve/kv_index.py) and sends a request where most of its prompt is cached, weighed
+against load. Conditional disaggregation: a request whose uncached prompt part is shorter than
+--local-prefill-threshold tokens, or that arrives when every prefill worker has
+--prefill-queue-limit requests in flight, goes straight to a decode worker, which prefills it
+itself (no KV moves). /metrics counts requests by the path they took.
+
 A worker that refuses connections is skipped for a few seconds and the request goes to the next
 one; a worker that dies mid-stream ends the client's stream with an error event, never a hang.
 """
@@ -30,11 +37,13 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from disagg.kv.tcp import KVClient, KVTransferError
+from disagg.serve.kv_index import KVIndex, KVWatcher
 from disagg.serve.options import ProxyOptions
 from disagg.serve.protocol import SSE_DONE, error_body, new_id, now, sse, stream_chunk, usage_chunk
-from disagg.serve.routing import RoutingPolicy, WorkerHealth, make_policy
+from disagg.serve.routing import RoutingPolicy, WorkerHealth, estimated_tokens, make_policy, requested_output
 
 log = logging.getLogger("disagg.proxy")
 
@@ -48,14 +57,30 @@ class UpstreamError(Exception):
 class Proxy:
     def __init__(self, opts: ProxyOptions, policy: RoutingPolicy | None = None) -> None:
         self.opts = opts
-        self.policy = policy or make_policy(opts.routing)
+        self.index = KVIndex()
+        self.policy = policy or make_policy(opts.routing, self.index)
         self.health = WorkerHealth()
+        self.prefilling: dict[str, int] = {}  # prefill worker -> requests in flight
+        self.registry = CollectorRegistry()
+        self.routed = Counter("disagg_proxy_requests", "Requests by the path they took: forward (single, "
+                              "replicated), remote_prefill, local_prefill (conditional disaggregation), push",
+                              ["path"], registry=self.registry)
+        Gauge("disagg_proxy_prefills_in_flight", "Prefill requests waiting on a prefill worker's answer",
+              registry=self.registry).set_function(lambda: sum(self.prefilling.values()))
         self.kv_client = KVClient()
         self._kv_addresses: dict[str, tuple[str, int]] = {}  # decode URL -> its KV port, for pushes
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(opts.timeout, connect=5.0),
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        self.watcher: KVWatcher | None = None
+
+    async def start(self) -> None:
+        if self.opts.routing == "prefix" or self.opts.local_prefill_threshold:
+            self.watcher = KVWatcher(self.index, self.client, [w for pool in self.pools().values() for w in pool])
+            self.watcher.start()
 
     async def close(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
         await self.client.aclose()
 
     def pools(self) -> dict[str, tuple[str, ...]]:
@@ -66,9 +91,9 @@ class Proxy:
     # ---- sending ----
 
     async def _open(self, pool: str, path: str, body: dict[str, Any], stream: bool,
-                    only: str | None = None) -> tuple[str, httpx.Response]:
+                    only: str | None = None, inflight: dict[str, int] | None = None) -> tuple[str, httpx.Response]:
         """Send to a worker of `pool` (or just `only`), moving on to the next one while connections
-        are refused."""
+        are refused. `inflight` counts, per worker, the requests waiting on their answer."""
         workers = (only,) if only else self.pools()[pool]
         tried: set[str] = set()
         while True:
@@ -80,6 +105,8 @@ class Proxy:
                                                     "bad_gateway", 502))
             url = only if only else self.policy.select(pool, candidates, body)  # `only`: selected already
             tried.add(url)
+            if inflight is not None:
+                inflight[url] = inflight.get(url, 0) + 1
             try:
                 req = self.client.build_request("POST", url + path, json=body)
                 resp = await self.client.send(req, stream=stream)
@@ -93,6 +120,9 @@ class Proxy:
                 if isinstance(e, httpx.HTTPError):
                     raise UpstreamError(502, error_body(f"worker {url} failed: {e!r}", "bad_gateway", 502)) from e
                 raise
+            finally:
+                if inflight is not None:
+                    inflight[url] -= 1
             self.health.mark_up(url)
             if resp.status_code != 200:
                 self.policy.on_complete(url, body)
@@ -128,13 +158,36 @@ class Proxy:
             return JSONResponse(error_body("request body must be a JSON object"), status_code=400)
         try:
             if self.opts.mode == "disaggregated" and body.get("max_tokens", body.get("max_completion_tokens")) != 1:
+                if self._prefill_locally(body):
+                    self.routed.labels("local_prefill").inc()
+                    return await self._forward("decode", path, body)
                 if self.opts.kv_push:
+                    self.routed.labels("push").inc()
                     return await self._two_phase_push(request, path, body)
+                self.routed.labels("remote_prefill").inc()
                 return await self._two_phase(request, path, body)
+            self.routed.labels("forward").inc()
             pool = "prefill" if self.opts.mode == "disaggregated" else "workers"
             return await self._forward(pool, path, body)
         except UpstreamError as e:
             return JSONResponse(e.body, status_code=e.status)
+
+    def _prefill_locally(self, body: dict[str, Any]) -> bool:
+        """Conditional disaggregation: whether remote prefill does not pay for this request."""
+        o = self.opts
+        prefills = self.health.healthy(o.prefill) or o.prefill
+        if o.prefill_queue_limit and all(self.prefilling.get(w, 0) >= o.prefill_queue_limit for w in prefills):
+            return True
+        if not o.local_prefill_threshold:
+            return False
+        decodes = self.health.healthy(o.decode) or o.decode
+        prompt = self.index.prompt(body, decodes)
+        if prompt is None:  # workers that do not report: the proxy's estimate of the prompt, all of it uncached
+            uncached = estimated_tokens(body) - requested_output(body)
+        else:
+            ids, hashes, block_size = prompt
+            uncached = len(ids) - max(self.index.matched(w, hashes) for w in decodes) * block_size
+        return uncached < o.local_prefill_threshold
 
     async def _forward(self, pool: str, path: str, body: dict[str, Any]) -> Response:
         stream = bool(body.get("stream"))
@@ -149,7 +202,7 @@ class Proxy:
         """Phase one: token 1 and the prefill's kv_transfer_params (None when token 1 ended it)."""
         pre_body = {k: v for k, v in body.items() if k not in ("stream_options", "max_completion_tokens")}
         pre_body |= {"max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True} | kvp}
-        prefill_url, resp = await self._open("prefill", path, pre_body, stream=False)
+        prefill_url, resp = await self._open("prefill", path, pre_body, stream=False, inflight=self.prefilling)
         self.policy.on_complete(prefill_url, pre_body)
         pre = resp.json()
         return pre, pre.pop("kv_transfer_params", None)
@@ -187,7 +240,7 @@ class Proxy:
         self.policy.on_complete(decode_url, dec_body)
         answer = dresp.json()
         if self.opts.stream_first_token:
-            _prepend_text(answer, first_text, chat)
+            _prepend_text(answer, pre, first_text, chat)
         return JSONResponse(answer)
 
     async def _two_phase_push(self, request: Request, path: str, body: dict[str, Any]) -> Response:
@@ -238,7 +291,7 @@ class Proxy:
             raise
         self.policy.on_complete(decode_url, dec_body)
         answer = dresp.json()
-        _prepend_text(answer, first_text, chat)
+        _prepend_text(answer, pre, first_text, chat)
         return JSONResponse(answer)
 
     async def _kv_address(self, url: str) -> tuple[str, int]:
@@ -289,21 +342,28 @@ def _choice_text(resp: dict[str, Any], chat: bool) -> str:
 
 
 def _first_chunk(pre: dict[str, Any], text: str, chat: bool) -> dict[str, Any]:
+    choice = pre["choices"][0]
     return stream_chunk(pre.get("id", new_id("cmpl")), pre.get("created", now()), pre.get("model"), chat, text,
-                        role=True)
+                        role=True, token_ids=choice.get("token_ids"),
+                        prompt_token_ids=pre.get("prompt_token_ids", choice.get("prompt_token_ids")))
 
 
-def _prepend_text(answer: dict[str, Any], text: str, chat: bool) -> None:
+def _prepend_text(answer: dict[str, Any], pre: dict[str, Any], text: str, chat: bool) -> None:
+    """Token 1 (from prefill) goes before what decode generated: its text, and its id if asked for."""
     choice = answer["choices"][0]
     if chat:
         choice["message"]["content"] = text + (choice["message"].get("content") or "")
     else:
         choice["text"] = text + choice["text"]
+    first_ids = pre["choices"][0].get("token_ids")
+    if first_ids is not None and "token_ids" in choice:
+        choice["token_ids"] = first_ids + choice["token_ids"]
 
 
 def create_app(proxy: Proxy) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await proxy.start()
         yield
         await proxy.close()
 
@@ -311,7 +371,12 @@ def create_app(proxy: Proxy) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "mode": proxy.opts.mode, "pools": proxy.pools()}
+        return {"status": "ok", "mode": proxy.opts.mode, "pools": proxy.pools(), "routing": proxy.opts.routing,
+                "kv_index": proxy.index.summary()}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(proxy.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> Response:

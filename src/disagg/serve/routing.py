@@ -6,11 +6,12 @@ when each request it placed has ended (answered, failed or abandoned: exactly on
 - round-robin: a counter per pool.
 - least-load: the worker with the fewest outstanding tokens (prompt + max_tokens of the requests
   it was given that have not ended), as the proxy itself counts them.
-- prefix: the worker whose cache most likely holds the request's leading text, weighed against
-  load (as Dynamo's KV router does): cost = prompt tokens it would have to prefill + its
-  outstanding tokens, lowest wins. The proxy does not tokenize, so it tracks what each worker was
-  sent as chained hashes of 64-character chunks (or 16-token chunks of token-id prompts), an
-  approximate radix tree like SGLang's cache-aware router, not the workers' own block hashes.
+- prefix: the worker that holds most of the request's leading KV blocks, weighed against load (as
+  Dynamo's KV router does): cost = prompt tokens it would have to prefill + its outstanding
+  tokens, lowest wins. What each worker holds comes from its own block-hash reports
+  (serve/kv_index.py); for workers that do not report (vLLM), the proxy tracks what it sent each
+  one as chained hashes of 64-character chunks (or 16-token chunks of token-id prompts), an
+  approximate radix tree like SGLang's cache-aware router.
 - session: a request's session (OpenAI's `user` field, or `session_id`) stays on the worker that
   served it while that worker is healthy, so follow-up turns find their KV; new sessions, and
   sessions whose worker died, go to the least-loaded worker.
@@ -21,7 +22,10 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from disagg.serve.kv_index import KVIndex
 
 
 class RoutingPolicy(Protocol):
@@ -63,8 +67,12 @@ def estimated_tokens(request: dict[str, Any]) -> int:
     else:
         messages = request.get("messages") if isinstance(request.get("messages"), list) else []
         n = sum(len(str(m.get("content", ""))) // 4 + 4 for m in messages if isinstance(m, dict))
+    return n + requested_output(request)
+
+
+def requested_output(request: dict[str, Any]) -> int:
     out = request.get("max_tokens", request.get("max_completion_tokens"))
-    return n + (out if isinstance(out, int) and out > 0 else DEFAULT_MAX_TOKENS)
+    return out if isinstance(out, int) and out > 0 else DEFAULT_MAX_TOKENS
 
 
 class LeastLoad:
@@ -118,8 +126,9 @@ class SessionAffinity:
 class PrefixAware:
     CHARS, TOKENS = 64, 16  # chunk sizes; ~4 characters a token
 
-    def __init__(self, max_chunks: int = 200_000) -> None:
+    def __init__(self, index: KVIndex | None = None, max_chunks: int = 200_000) -> None:
         self.load = LeastLoad()
+        self.index = index
         self.seen: dict[tuple[str, str], OrderedDict[int, None]] = {}  # (pool, worker) -> chunk hashes
         self.max_chunks = max_chunks
 
@@ -145,6 +154,27 @@ class PrefixAware:
         return out, per
 
     def select(self, pool: str, workers: Sequence[str], request: dict[str, Any]) -> str:
+        prompt = self.index.prompt(request, workers) if self.index is not None else None
+        if prompt is None:
+            return self._select_approximate(pool, workers, request)
+        ids, hashes, block_size = prompt
+        index = self.index
+        total = len(ids) + requested_output(request)
+
+        def cost(w: str) -> int:
+            return total - index.matched(w, hashes) * block_size + self.load.load.get(w, 0)
+
+        worker = self._cheapest(pool, workers, request, cost)
+        index.predict(worker, hashes)
+        return worker
+
+    def _cheapest(self, pool: str, workers: Sequence[str], request: dict[str, Any], cost: Any) -> str:
+        start = self.load._rr.select(pool, range(len(workers)), request)  # ties rotate
+        worker = min((workers[(start + i) % len(workers)] for i in range(len(workers))), key=cost)
+        self.load.charge(worker, request)
+        return worker
+
+    def _select_approximate(self, pool: str, workers: Sequence[str], request: dict[str, Any]) -> str:
         keys, per = self.chunks(request)
         total = estimated_tokens(request)
 
@@ -153,9 +183,7 @@ class PrefixAware:
             matched = next((i for i, k in enumerate(keys) if k not in seen), len(keys))
             return total - matched * per + self.load.load.get(w, 0)
 
-        start = self.load._rr.select(pool, range(len(workers)), request)  # ties rotate
-        worker = min((workers[(start + i) % len(workers)] for i in range(len(workers))), key=cost)
-        self.load.charge(worker, request)
+        worker = self._cheapest(pool, workers, request, cost)
         seen = self.seen.setdefault((pool, worker), OrderedDict())
         for k in keys:
             seen[k] = None
@@ -168,9 +196,10 @@ class PrefixAware:
         self.load.on_complete(worker, request)
 
 
-def make_policy(name: str) -> RoutingPolicy:
-    return {"round-robin": RoundRobin, "least-load": LeastLoad, "prefix": PrefixAware,
-            "session": SessionAffinity}[name]()
+def make_policy(name: str, index: KVIndex | None = None) -> RoutingPolicy:
+    if name == "prefix":
+        return PrefixAware(index)
+    return {"round-robin": RoundRobin, "least-load": LeastLoad, "session": SessionAffinity}[name]()
 
 
 class WorkerHealth:

@@ -47,7 +47,7 @@ from disagg.engine.sequence import Sequence
 from disagg.errors import DisaggError, ModelNotFoundError
 from disagg.kv import nixl
 from disagg.kv.block_hash import tokens_digest
-from disagg.kv.pool import DiskTier, KVPool, MemoryTier
+from disagg.kv.pool import DiskTier, KVPool, MemoryTier, RedisTier, Tier
 from disagg.kv.push import Pusher, PushMeta, PushSlots
 from disagg.kv.tcp import KVClient, KVPayload, KVServer, KVTransferError, is_loopback
 from disagg.serve.metrics import WorkerMetrics
@@ -91,12 +91,18 @@ class Worker:
         self._pool_writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="disagg-kv-pool")
 
     def _make_pool(self) -> KVPool | None:
-        tiers: list[MemoryTier | DiskTier] = []
-        if parse_bytes(self.opts.kv_pool_memory) > 0:
-            tiers.append(MemoryTier(parse_bytes(self.opts.kv_pool_memory)))
-        if self.opts.kv_pool_dir:
-            tiers.append(DiskTier(Path(self.opts.kv_pool_dir).expanduser(), parse_bytes(self.opts.kv_pool_disk)))
-        return KVPool(tiers) if tiers else None
+        o = self.opts
+        tiers: list[Tier] = []
+        if parse_bytes(o.kv_pool_memory) > 0:
+            tiers.append(MemoryTier(parse_bytes(o.kv_pool_memory)))
+        if o.kv_pool_dir:
+            tiers.append(DiskTier(Path(o.kv_pool_dir).expanduser(), parse_bytes(o.kv_pool_disk)))
+        if o.kv_pool_redis:
+            tiers.append(RedisTier(o.kv_pool_redis, parse_bytes(o.kv_pool_redis_budget)))
+        if not tiers:
+            return None
+        self.metrics.watch_pool(tiers)
+        return KVPool(tiers, policy=o.kv_pool_write)
 
     # ---- lifecycle ----
 
@@ -196,6 +202,11 @@ class Worker:
             if not isinstance(prompt, Sequence):
                 prompt = engine.engine.make_sequence(rid, prompt, params)
             add |= await self._from_pool(engine, prompt)
+        prompt_ids = None
+        if req.return_token_ids:
+            if not isinstance(prompt, Sequence):
+                prompt = engine.engine.make_sequence(rid, prompt, params)
+            prompt_ids = prompt.token_ids[: prompt.num_prompt_tokens]
         t0 = time.perf_counter()
         stream = engine.generate(prompt, params, request_id=rid, **add)
         try:
@@ -204,7 +215,7 @@ class Worker:
             if pusher is not None:
                 pusher.abort()
             raise
-        fmt = _Formatter(engine.engine, rid, self.model_name, chat, params)
+        fmt = _Formatter(engine.engine, rid, self.model_name, chat, params, prompt_ids)
         if req.stream:
             return StreamingResponse(self._sse(fmt, first, stream, t0, req.include_usage),
                                      media_type="text/event-stream")
@@ -295,15 +306,10 @@ class Worker:
         shape = e.kv_cache.export_shape(1)
         size = math.prod(shape) * e.dtype.itemsize
         blocks = list(itertools.takewhile(lambda b: len(b) == size, hit.blocks))  # a foreign shape: a miss
-        m = self.metrics
-        for tier in hit.tiers[: len(blocks)]:
-            m.pool_hits.labels(tier).inc()
-        m.pool_misses.inc(len(keys) - len(blocks))
-        m.pool_load.observe(hit.seconds)
+        self.metrics.pool_load.observe(hit.seconds)
         if len(blocks) <= cached:
             return out
-        m.pool_bytes_read.inc(size * len(blocks))
-        m.pool_tokens_saved.inc((len(blocks) - cached) * bs)
+        self.metrics.pool_tokens_saved.inc((len(blocks) - cached) * bs)
         data = torch.cat([torch.frombuffer(bytearray(b), dtype=e.dtype).reshape(shape) for b in blocks], dim=BLOCK_DIM)
         n = len(blocks) * bs
         return out | {"kv": ImportedKV(data, n, tokens_digest(ids[:n]))}
@@ -314,7 +320,6 @@ class Worker:
         blocks = [cpu.narrow(BLOCK_DIM, j, 1).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                   for j in range(cpu.shape[BLOCK_DIM])]
         self.pool.store(keys[: len(blocks)], blocks)
-        self.metrics.pool_bytes_written.inc(sum(len(b) for b in blocks))
 
     def _pusher(self, engine: AsyncEngine, kvp: Any, seq: Sequence) -> Pusher | None:
         """A pusher for this prefill's KV, or None where pushing cannot work (the decode side then
@@ -438,9 +443,11 @@ class EngineNotReady(DisaggError):
 class _Formatter:
     """RequestOutputs -> OpenAI response bodies and stream chunks, for completions and chat."""
 
-    def __init__(self, engine: LLMEngine, rid: str, model: str, chat: bool, params: SamplingParams) -> None:
+    def __init__(self, engine: LLMEngine, rid: str, model: str, chat: bool, params: SamplingParams,
+                 prompt_token_ids: list[int] | None = None) -> None:
         self.tok = engine.tokenizer
         self.rid, self.model, self.chat, self.params = rid, model, chat, params
+        self.prompt_ids = prompt_token_ids  # set: return_token_ids was asked for
         self.created = now()
         self.first_time: float | None = None
         self._role_sent = False
@@ -462,11 +469,13 @@ class _Formatter:
     def chunk(self, out: RequestOutput) -> dict[str, Any]:
         if self.first_time is None:
             self.first_time = time.perf_counter()
-        role = self.chat and not self._role_sent
+        first = not self._role_sent
         self._role_sent = True
-        return stream_chunk(self.rid, self.created, self.model, self.chat, out.new_text, role=role,
+        ids = self.prompt_ids is not None
+        return stream_chunk(self.rid, self.created, self.model, self.chat, out.new_text, role=self.chat and first,
                             finish_reason=out.finish_reason, stop_reason=out.stop_reason,
-                            logprobs=self._logprobs(out.new_logprobs))
+                            logprobs=self._logprobs(out.new_logprobs), token_ids=out.new_token_ids if ids else None,
+                            prompt_token_ids=self.prompt_ids if ids and first else None)
 
     def usage_chunk(self, last: RequestOutput) -> dict[str, Any]:
         return usage_chunk(self.rid, self.created, self.model, self.chat,
@@ -487,6 +496,9 @@ class _Formatter:
         body = {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [choice],
                 "usage": usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)}
+        if self.prompt_ids is not None:  # where vLLM puts them: per choice, the prompt's on chat's body
+            choice["token_ids"] = [t for o in outs for t in o.new_token_ids]
+            (body if self.chat else choice)["prompt_token_ids"] = self.prompt_ids
         if kv_transfer_params is not None:
             body["kv_transfer_params"] = kv_transfer_params
         return body
@@ -539,6 +551,26 @@ def create_app(worker: Worker) -> FastAPI:
         return JSONResponse({"status": "ok", "role": worker.opts.role, "kv_host": worker.opts.kv_host,
                              "kv_port": worker.kv_port,
                              "kv_link": worker.kv_server.link.describe()})
+
+    @app.get("/kv/tokenizer")
+    async def kv_tokenizer() -> Response:
+        """How to turn a request into this worker's block hashes (serve/kv_index.py)."""
+        engine = worker.ready_engine().engine
+        return JSONResponse({"model": worker.model_name, "model_id": engine.model_id,
+                             "block_size": engine.config.block_size, "tokenizer": engine.tokenizer.to_dict()})
+
+    @app.get("/kv/events")
+    async def kv_events(since: int = -1, epoch: str = "") -> Response:
+        """Prefix-cache changes after event `since` of this engine (`epoch`); a snapshot of the whole
+        cache when the reader is new, fell behind, or follows an engine that has since restarted."""
+        engine = worker.ready_engine()
+        log = engine.engine.block_manager.events
+        events = log.since(since) if epoch == worker.engine_id and since >= 0 else None
+        if events is not None:
+            return JSONResponse({"epoch": worker.engine_id, "number": events[-1][0] if events else since,
+                                 "events": [[int(stored), h.hex()] for _, stored, h in events]})
+        number, held = await engine.call(lambda e: (e.block_manager.events.number, e.block_manager.cached_hashes()))
+        return JSONResponse({"epoch": worker.engine_id, "number": number, "snapshot": [h.hex() for h in held]})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
