@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import make_engine
+from disagg.engine.kv_cache import BLOCK_DIM
 from disagg.engine.llm_engine import ImportedKV
 from disagg.engine.sampling import SamplingParams
 
@@ -252,3 +253,20 @@ def test_layer_hook_sees_each_layer_once_as_the_last_chunk_passes_it_with_the_ex
     assert all(computed == 64 for _, _, computed in seen), "hooks ran before the last chunk"
     # the views, taken as each layer finished, hold exactly what an export reads afterwards
     assert b"".join(b for _, b, _ in seen) == exported.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_on_prefilled_hands_over_the_full_blocks_a_pool_lacks(tiny):
+    got = []
+    prompt = list(range(1, 75))  # 4 full blocks of 16 and a partial one
+    tiny.add_request("p", prompt, SamplingParams(max_tokens=2, temperature=0), on_prefilled=got.append,
+                     prefilled_from=1)
+    while tiny.has_unfinished():
+        tiny.step()
+    tiny.add_request("q", prompt, SamplingParams(max_tokens=1, temperature=0), hold_blocks=True)
+    while tiny.has_unfinished():
+        tiny.step()
+    whole = tiny.export_kv("q").data
+    assert tiny.release("q")
+    assert len(got) == 1
+    assert got[0].shape[BLOCK_DIM] == 3  # blocks 1-3: block 0 is pooled already, block 4 is not full
+    assert torch.equal(got[0], whole.narrow(BLOCK_DIM, 1, 3))

@@ -145,13 +145,14 @@ class LLMEngine:
                     params: SamplingParams | None = None, *, kv: ImportedKV | None = None,
                     first_token_ids: Seq[int] = (), hold_blocks: bool = False,
                     layer_hook: Callable[[int, list[memoryview]], None] | None = None,
-                    on_prefilled: Callable[[torch.Tensor], None] | None = None) -> None:
+                    on_prefilled: Callable[[torch.Tensor], None] | None = None, prefilled_from: int = 0) -> None:
         """Queue a request. `kv`: the prompt's KV computed elsewhere; `first_token_ids`: tokens
         already sampled elsewhere (streamed by someone else, so not emitted again); `layer_hook(i,
         views)`: called on the engine thread as the prompt's last chunk passes layer i, with the
         byte views of that layer's prompt blocks (CPU caches; for streaming KV layer by layer);
         `on_prefilled(kv)`: called on the engine thread once the prompt is computed, with a copy of
-        its full blocks' KV, shaped like an export (for a KV pool to keep)."""
+        its full blocks' KV from block `prefilled_from` on, shaped like an export (for a KV pool to
+        keep what it lacks)."""
         if request_id in self._requests or request_id in self.scheduler.held:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         seq = prompt if isinstance(prompt, Sequence) else self.make_sequence(request_id, prompt,
@@ -159,8 +160,8 @@ class LLMEngine:
         seq.hold_blocks = hold_blocks
         if on_prefilled is not None:
             full = seq.num_prompt_tokens // self.config.block_size
-            if full:
-                seq.on_prefilled = lambda s: on_prefilled(self.kv_cache.read_blocks(s.block_table[:full]))
+            if full > prefilled_from:
+                seq.on_prefilled = lambda s: on_prefilled(self.kv_cache.read_blocks(s.block_table[prefilled_from:full]))
         if layer_hook is not None:
             if self.device.type != "cpu":
                 raise InvalidRequestError("layer-wise KV streaming needs a CPU KV cache")

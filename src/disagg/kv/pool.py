@@ -350,17 +350,29 @@ class KVPool:
 
             self.tiers[0].on_evict = spill
 
+    def _where(self, keys: Sequence[bytes]) -> list[int]:
+        """For the leading run of `keys` some tier holds: the fastest tier holding each (one batched
+        existence check per tier)."""
+        where: list[int | None] = [None] * len(keys)
+        for i, tier in enumerate(self.tiers):
+            todo = [j for j, w in enumerate(where) if w is None]
+            for j, present in zip(todo, tier.contains_many([keys[j] for j in todo]), strict=True):
+                if present:
+                    where[j] = i
+        n = next((j for j, w in enumerate(where) if w is None), len(keys))
+        return [w for w in where[:n] if w is not None]
+
+    def leading(self, keys: Sequence[bytes]) -> int:
+        """How many leading blocks of `keys` the pool holds, reading none of them."""
+        with self._lock:
+            return len(self._where(keys))
+
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """The longest run of leading blocks the pool holds, promoted into faster tiers."""
         t0 = time.perf_counter()
         with self._lock:
-            where: list[int | None] = [None] * len(keys)
-            for i, tier in enumerate(self.tiers):  # one batched existence check per tier
-                todo = [j for j, w in enumerate(where) if w is None]
-                for j, present in zip(todo, tier.contains_many([keys[j] for j in todo]), strict=True):
-                    if present:
-                        where[j] = i
-            n = next((j for j, w in enumerate(where) if w is None), len(keys))
+            where = self._where(keys)
+            n = len(where)
             found: list[bytes | None] = [None] * n
             for i, tier in enumerate(self.tiers):  # one read per tier, of its part of the prefix
                 mine = [j for j in range(n) if where[j] == i]
@@ -371,7 +383,8 @@ class KVPool:
                 mine = [j for j in range(n) if where[j] == i]
                 tier.stats.hits += len(mine)
                 tier.stats.bytes_read += sum(len(found[j]) for j in mine)
-                tier.stats.misses += sum(1 for w in where[: n + 1] if w is None or w > i)
+                looked = len(keys[: n + 1])  # the prefix, and the first block nobody had
+                tier.stats.misses += looked - sum(1 for w in where[:n] if w <= i)
                 for j in mine:
                     for faster in self.tiers[:i]:
                         faster.put(keys[j], found[j])

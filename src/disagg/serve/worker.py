@@ -299,8 +299,14 @@ class Worker:
             return len(eng.block_manager.cached_prefix(seq)), list(seq.block_hashes)
 
         cached, keys = await engine.call(prefix_state)
-        out: dict[str, Any] = {"on_prefilled": lambda kv: self._pool_writer.submit(self._to_pool, keys, kv)}
         if not keys:
+            return {}
+        pooled = await asyncio.to_thread(self.pool.leading, keys)  # existence only: nothing read yet
+        out: dict[str, Any] = {}
+        if pooled < len(keys):  # store what the pool lacks, once computed
+            out = {"on_prefilled": lambda kv: self._pool_writer.submit(self._to_pool, keys[pooled:], kv),
+                   "prefilled_from": pooled}
+        if pooled <= cached:  # the engine's own prefix cache has at least as much: read nothing
             return out
         hit = await asyncio.to_thread(self.pool.lookup, keys)
         shape = e.kv_cache.export_shape(1)
