@@ -8,9 +8,11 @@ through the `disagg bench` client and runner, closed loop. Four clusters, same r
                   memory + disk pool
   restarted       the defaults again over the same pool directory: memory empty, disk tier warm
 
-Multi-turn (1 worker): sessions whose turns alternate long and short new messages; every turn sends
-the whole history (answers as the token ids the server returned). With reuse, TTFT should follow
-the new turn's length; without it, the whole history's.
+Multi-turn: sessions whose turns alternate long and short new messages; every turn sends the whole
+history (answers as the token ids the server returned). On 1 worker, with reuse TTFT should follow
+the new turn's length, without it the whole history's. On 2 replicas with two sessions at a time,
+round-robin sends a session's next turn to the replica that lacks its history; the defaults send
+it where the history is (or load it from the shared pool).
 
     .venv/bin/python benchmarks/kv_reuse.py [--prefix-len 1024] [--question-len 64] [--requests 16]
 """
@@ -79,22 +81,41 @@ def shared_prefix(args: argparse.Namespace, engine: EngineConfig, console: Conso
 
 def multi_turn(args: argparse.Namespace, engine: EngineConfig, console: Console) -> None:
     news = [256, 32, 256, 32, 256]
+    turns = len(news)
     sessions = [Session(tuple(Turn(tuple(range(1000 + 7 * s + 1000 * t, 1000 + 7 * s + 1000 * t + n)), args.answer_len)
                               for t, n in enumerate(news))) for s in range(args.sessions)]
-    table = Table(title=f"Multi-turn: {args.sessions} sessions, each turn adds the new tokens below + an "
-                        f"{args.answer_len}-token answer; 1 worker; TTFT p50 ms")
+
+    def run_turns(opts: UpOptions, eng: EngineConfig, concurrency: int) -> tuple[list[float], list[int]]:
+        records = run(opts, eng, sessions, concurrency=concurrency)
+        by_prompt = {}
+        for r in records:  # a turn is known by its prompt length (history + new), the same in every session
+            by_prompt.setdefault(r.prompt_tokens, []).append(r.ttft)
+        lengths = sorted(by_prompt)
+        return [statistics.median(by_prompt[n]) * 1000 for n in lengths], lengths
+
+    pool = tempfile.mkdtemp(prefix="disagg-kv-reuse-")
+    no_pool = {"kv_pool_memory": "0", "kv_pool_dir": ""}
+    single = UpOptions(arch="single", budget=1, kv_pool_dir=pool)
+    with_reuse, lengths = run_turns(single, engine, 1)
+    without, _ = run_turns(replace(single, **no_pool), replace(engine, enable_prefix_caching=False), 1)
+    table = Table(title=f"Multi-turn, 1 worker: {args.sessions} sessions one after another, each turn adds the "
+                        f"new tokens below + a {args.answer_len}-token answer; TTFT p50 ms")
     for col in ("turn", "history tokens", "new tokens", "TTFT with reuse", "TTFT without", "without / with"):
         table.add_column(col, justify="right")
-    opts = UpOptions(arch="single", budget=1, kv_pool_dir=tempfile.mkdtemp(prefix="disagg-kv-reuse-"))
-    with_reuse = run(opts, engine, sessions, concurrency=1)
-    without = run(replace(opts, kv_pool_memory="0", kv_pool_dir=""), replace(engine, enable_prefix_caching=False),
-                  sessions, concurrency=1)
-    turns = len(news)
     for t in range(turns):
-        a = statistics.median(r.ttft for r in with_reuse[t::turns]) * 1000
-        b = statistics.median(r.ttft for r in without[t::turns]) * 1000
-        history = with_reuse[t].prompt_tokens - news[t]
-        table.add_row(str(t + 1), str(history), str(news[t]), f"{a:.0f}", f"{b:.0f}", f"{b / a:.1f}x")
+        a, b = with_reuse[t], without[t]
+        table.add_row(str(t + 1), str(lengths[t] - news[t]), str(news[t]), f"{a:.0f}", f"{b:.0f}", f"{b / a:.1f}x")
+    console.print(table)
+
+    replicated = UpOptions(arch="replicated", budget=2, kv_pool_dir=tempfile.mkdtemp(prefix="disagg-kv-reuse-"))
+    rr, _ = run_turns(replace(replicated, routing="round-robin", **no_pool), engine, 2)
+    defaults, _ = run_turns(replicated, engine, 2)
+    table = Table(title=f"Multi-turn, 2 replicas, 2 sessions at a time ({args.sessions} in all); TTFT p50 ms")
+    for col in ("turn", "history tokens", "new tokens", "round-robin, prefix cache only", "defaults", "ratio"):
+        table.add_column(col, justify="right")
+    for t in range(turns):
+        table.add_row(str(t + 1), str(lengths[t] - news[t]), str(news[t]), f"{rr[t]:.0f}", f"{defaults[t]:.0f}",
+                      f"{rr[t] / defaults[t]:.1f}x")
     console.print(table)
 
 
@@ -105,7 +126,7 @@ def main() -> None:
     ap.add_argument("--question-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=16)
     ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--sessions", type=int, default=4)
+    ap.add_argument("--sessions", type=int, default=4, help="multi-turn sessions (use an even number)")
     ap.add_argument("--answer-len", type=int, default=32)
     ap.add_argument("--only", choices=("shared-prefix", "multi-turn"))
     args = ap.parse_args()

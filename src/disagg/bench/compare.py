@@ -113,9 +113,10 @@ async def _run_arch(arch: str, opts: CompareOptions, load: LoadOptions, engine: 
     from disagg.serve.launcher import Cluster, free_port
     from disagg.serve.options import UpOptions
 
+    pool = {} if opts.kv_pool else {"kv_pool_memory": "0", "kv_pool_dir": ""}
     up = UpOptions(arch=arch, budget=opts.budget, port=free_port(), kv_bandwidth=opts.kv_bandwidth,
                    kv_latency=opts.kv_latency, kv_push=opts.kv_push, startup_timeout=opts.startup_timeout,
-                   log_dir=str(Path(opts.out_dir) / "logs" / arch))
+                   log_dir=str(Path(opts.out_dir) / "logs" / arch), routing=opts.routing, **pool)
     cluster = await asyncio.to_thread(Cluster(up, engine).start)
     try:
         model, vocab = await asyncio.to_thread(server_info, cluster.url, None)

@@ -89,6 +89,11 @@ class CompareOptions:
     kv_bandwidth: str | None = field(default=None, metadata=_help("disaggregated: emulated KV link rate"))
     kv_latency: str | None = field(default=None, metadata=_help("disaggregated: emulated KV link delay"))
     kv_push: bool = field(default=False, metadata=_help("disaggregated: layer-wise KV push instead of pull"))
+    routing: str = field(default="round-robin", metadata=_help("the proxies' policy (round-robin: the paper's "
+                                                               "stateless proxy; prefix: `disagg up`'s default)"))
+    kv_pool: bool = field(default=False, metadata=_help("give workers `disagg up`'s memory + disk KV pool (off: "
+                                                        "the paper's architectures, no reuse beyond each "
+                                                        "engine's prefix cache)"))
     startup_timeout: float = field(default=300.0, metadata=_help("seconds to wait for a cluster to start"))
     tie_margin: float = field(default=0.05, metadata=_help("a win needs this relative margin (and more than the "
                                                            "run-to-run spread with --repeat); less is a tie"))
@@ -98,6 +103,10 @@ class CompareOptions:
             raise ConfigError("--budget and --repeat must be >= 1")
         if not 0 <= self.tie_margin < 1:
             raise ConfigError("--tie-margin must be in [0, 1)")
+        from disagg.serve.routing import ROUTING
+
+        if self.routing not in ROUTING:
+            raise ConfigError(f"--routing must be one of {', '.join(ROUTING)}, got {self.routing!r}")
         for arch in self.arch_list():
             if arch not in ARCH_CHOICES:
                 raise ConfigError(f"unknown arch {arch!r}; choose from {', '.join(ARCH_CHOICES)}")

@@ -79,6 +79,7 @@ def write_report(doc: dict[str, Any], plots: list[Path], out: Path) -> Path:
     link_note = (f"<p>KV link between prefill and decode: EMULATED {esc(link)}, "
                  f"{esc(doc['compare'].get('kv_latency') or '0')} one-way.</p>" if link else "")
     slo = ", ".join(f"{k} {wl[k]:g} ms" for k in ("slo_ttft_ms", "slo_tpot_ms") if wl.get(k) is not None)
+    pool = "memory + disk" if doc["compare"].get("kv_pool") else "none (each engine keeps its own prefix cache)"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>disagg compare: {esc(doc['model'])}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;font-size:13px;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 7px;
@@ -90,7 +91,8 @@ text-align:right}}img{{max-width:49%;margin:2px}}.finding{{font-size:17px;font-w
 <p>Workload <b>{esc(wl['workload'])}</b>: input {esc(str(wl['input_len']))} tokens, output {esc(str(wl['output_len']))}
 tokens, {wl['num_prompts']} requests per point after {wl['warmup']} warm-up, closed loop at concurrency
 {esc(wl['concurrency'])}; SLOs for goodput: {esc(slo or 'none (goodput = throughput of completed requests)')}.
-Repeats: {doc['compare']['repeat']}.</p>{link_note}
+Repeats: {doc['compare']['repeat']}. Proxy routing: {esc(doc['compare'].get('routing', 'round-robin'))};
+KV pool: {pool}.</p>{link_note}
 <p>Machine: {esc(m.get('cpu', ''))}, {m.get('cores')} cores, {esc(m.get('platform', ''))}, torch
 {esc(m.get('torch', '-'))}{', GPUs: ' + esc(', '.join(m['gpus'])) if m.get('gpus') else ''}. Run {esc(doc['date'])},
 {doc['duration_s']:.0f} s.</p>
