@@ -359,23 +359,43 @@ def test_a_push_that_never_comes_does_not_keep_decode_blocks():
         assert metrics(decode)["disagg_kv_pull_failures_total"] == 1
 
 
-def test_a_replica_serves_a_prefix_the_other_computed_from_the_shared_disk_pool(reference, tmp_path):
-    pool = str(tmp_path / "pool")
+NO_POOL = {"kv_pool_memory": "0", "kv_pool_dir": ""}
+
+
+def _greedy(url: str, prompt: str) -> dict:
+    return httpx.post(url + "/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}).json()
+
+
+@pytest.mark.parametrize("tier", ["disk", "redis"])
+def test_a_replica_serves_a_prefix_the_other_computed_from_the_shared_pool(tier, tmp_path, request):
     prompt = PROMPTS[3] * 3  # several full blocks
-    kw = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0, "extra_body": {"ignore_eos": True}}
-    with start("single") as c:  # without a pool: the reference continuation
-        expected = client(c).completions.create(prompt=prompt, **kw).choices[0].text
-    with start("replicated", kv_pool_dir=pool) as c:
+    with start("single", **NO_POOL) as c:  # without a pool: the reference continuation
+        expected = _greedy(c.url, prompt)["choices"][0]["text"]
+    shared = ({"kv_pool_dir": str(tmp_path / "pool")} if tier == "disk" else
+              {"kv_pool_dir": "", "kv_pool_redis": request.getfixturevalue("redis_url")})
+    with start("replicated", **shared) as c:
         urls = list(c.worker_urls().values())
-        first = httpx.post(urls[0] + "/v1/completions", timeout=60, json={"prompt": prompt, **{
-            k: v for k, v in kw.items() if k != "extra_body"}, "ignore_eos": True}).json()
-        assert first["choices"][0]["text"] == expected
-        assert wait_until(lambda: metrics(urls[0]).get('disagg_kv_pool_written_bytes_total{tier="disk"}', 0) > 0)
-        second = httpx.post(urls[1] + "/v1/completions", timeout=60, json={"prompt": prompt, **{
-            k: v for k, v in kw.items() if k != "extra_body"}, "ignore_eos": True}).json()
+        assert _greedy(urls[0], prompt)["choices"][0]["text"] == expected
+        assert wait_until(lambda: metrics(urls[0]).get(f'disagg_kv_pool_written_bytes_total{{tier="{tier}"}}', 0) > 0)
+        second = _greedy(urls[1], prompt)
         assert second["choices"][0]["text"] == expected  # the same greedy tokens from pooled KV
-        blocks = second["usage"]["prompt_tokens"] // 16
+        blocks = second["usage"]["prompt_tokens"] // 16  # every full block of the prompt was hit
         m = metrics(urls[1])
-        assert m['disagg_kv_pool_hit_blocks_total{tier="disk"}'] == blocks
+        assert m[f'disagg_kv_pool_hit_blocks_total{{tier="{tier}"}}'] == blocks
         assert m["disagg_kv_pool_saved_tokens_total"] == blocks * 16
         assert wait_until(lambda: all_blocks_free(c))
+
+
+def test_a_restarted_worker_loads_from_its_disk_tier(tmp_path):
+    prompt = PROMPTS[3] * 3
+    pool = {"kv_pool_dir": str(tmp_path / "pool")}
+    with start("single", **pool) as c:
+        url = next(iter(c.worker_urls().values()))
+        expected = _greedy(url, prompt)["choices"][0]["text"]
+        assert wait_until(lambda: metrics(url).get('disagg_kv_pool_written_bytes_total{tier="disk"}', 0) > 0)
+    with start("single", **pool) as c:  # a new process: empty cache and memory tier
+        url = next(iter(c.worker_urls().values()))
+        again = _greedy(url, prompt)
+        assert again["choices"][0]["text"] == expected
+        assert metrics(url)['disagg_kv_pool_hit_blocks_total{tier="disk"}'] == again["usage"]["prompt_tokens"] // 16
