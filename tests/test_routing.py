@@ -114,7 +114,7 @@ def test_kv_events_follow_the_prefix_cache_and_fall_back_to_a_snapshot(tiny):
 
     log = tiny.block_manager.events
     start = log.number
-    prompt = list(range(1, 70))  # four full blocks of 16
+    prompt = list(range(300, 369))  # four full blocks of 16, new to the shared engine
     tiny.generate([prompt], SamplingParams(max_tokens=1, temperature=0))
     stored = [h for _, s, h in log.since(start) if s]
     assert len(stored) == 4
