@@ -120,8 +120,11 @@ def test_kv_events_follow_the_prefix_cache_and_fall_back_to_a_snapshot(tiny):
     assert len(stored) == 4
     assert set(stored) <= set(tiny.block_manager.cached_hashes())
     assert log.since(log.number) == []
-    log._log.popleft()  # the oldest event fell off: a reader from before it needs a snapshot
+    assert log.since(start + 1) == log.since(start)[1:]
+    while log._log[0][0] <= start + 1:  # events fall off the log: a reader from before them needs a snapshot
+        log._log.popleft()
     assert log.since(start) is None
+    assert len(log.since(start + 1)) == 3
 
 
 def test_the_index_matches_leading_blocks_from_reports_and_predictions(monkeypatch):
