@@ -125,15 +125,15 @@ def test_return_token_ids_gives_the_prompt_and_every_generated_id(cluster):
     assert whole["prompt_token_ids"] == tok.encode(prompt)
     assert len(whole["token_ids"]) == MAX_TOKENS  # token 1 from prefill included, in disaggregated too
     assert tok.decode(whole["token_ids"]) == whole["text"]
-    ids, prompt_ids = [], None
+    ids, prompt_ids = [], []
     with httpx.stream("POST", cluster.url + "/v1/completions", json=body | {"stream": True}, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 choice = json.loads(line[6:])["choices"][0]
                 ids += choice["token_ids"]
-                prompt_ids = prompt_ids or choice.get("prompt_token_ids")
+                prompt_ids += [choice["prompt_token_ids"]] if "prompt_token_ids" in choice else []
     assert ids == whole["token_ids"]
-    assert prompt_ids == whole["prompt_token_ids"]
+    assert prompt_ids == [whole["prompt_token_ids"]]  # once, in the first chunk
     chat = httpx.post(cluster.url + "/v1/chat/completions", timeout=60, json={
         "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "return_token_ids": True,
         "ignore_eos": True}).json()

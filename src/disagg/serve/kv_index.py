@@ -17,16 +17,16 @@ back to the proxy's own approximate view (serve/routing.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from disagg.errors import ConfigError, InvalidRequestError
+from disagg.errors import InvalidRequestError
 from disagg.kv.block_hash import chain_hashes
 from disagg.model.tokenizer import Tokenizer
 
@@ -91,7 +91,7 @@ class KVIndex:
     def __init__(self, predicted_ttl: float = 5.0) -> None:
         self.workers: dict[str, WorkerView] = {}
         self.predicted_ttl = predicted_ttl
-        self._memo: tuple[Any, PromptHasher, Any] | None = None
+        self._memo: OrderedDict[tuple[int, str, int], tuple[Any, Any]] = OrderedDict()  # recent requests
 
     def view(self, worker: str) -> WorkerView:
         return self.workers.setdefault(worker, WorkerView())
@@ -107,18 +107,21 @@ class KVIndex:
 
     def prompt(self, request: dict[str, Any], workers: Sequence[str]) -> tuple[list[int], list[bytes], int] | None:
         """(token ids, block hashes, block size) of a request, or None when the workers did not say
-        how they hash or the request cannot be read. The last answer is kept: a request is routed
+        how they hash or the request cannot be read. Recent answers are kept: a request is routed
         up to three times (local-prefill check, prefill pool, decode pool), its prompt object shared."""
         hasher = self.hasher(workers)
         if hasher is None:
             return None
         source = request.get("prompt") if "prompt" in request else request.get("messages")
-        memo = self._memo
-        if memo is not None and memo[0] is source and memo[1] is hasher:
-            return memo[2]
+        key = (id(source), hasher.model_id, hasher.block_size)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is source:  # the same object, not one that reused its id
+            return hit[1]
         ids = hasher.token_ids(request)
         out = None if ids is None else (ids, hasher.hashes(ids), hasher.block_size)
-        self._memo = (source, hasher, out)
+        self._memo[key] = (source, out)  # holds `source`, so its id cannot be reused meanwhile
+        while len(self._memo) > 256:
+            self._memo.popitem(last=False)
         return out
 
     def matched(self, worker: str, hashes: Sequence[bytes]) -> int:
@@ -172,38 +175,45 @@ class KVWatcher:
 
     def __init__(self, index: KVIndex, client: httpx.AsyncClient, workers: Sequence[str], period: float = 0.25) -> None:
         self.index, self.client, self.workers, self.period = index, client, tuple(workers), period
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._tasks = [asyncio.create_task(self._follow(w)) for w in self.workers]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _run(self) -> None:
-        unsupported: set[str] = set()
+    async def _follow(self, worker: str) -> None:
+        """One loop per worker, so a slow one delays only its own view."""
+        failures = 0
         while True:
-            await asyncio.gather(*(self._poll(w, unsupported) for w in self.workers if w not in unsupported))
+            try:
+                if await self._poll(worker) is False:
+                    return
+            except Exception as e:  # a bad report must not end the loop; say so once in a while
+                failures += 1
+                if failures % 100 == 1:
+                    log.warning("KV report from %s unusable (%d times): %r", worker, failures, e)
             await asyncio.sleep(self.period)
 
-    async def _poll(self, worker: str, unsupported: set[str]) -> None:
+    async def _poll(self, worker: str) -> bool:
+        """One report folded in; False when the worker will never report (not one of ours)."""
         view = self.index.view(worker)
         try:
             if view.hasher is None:
                 r = await self.client.get(worker + "/kv/tokenizer", timeout=30)
                 if r.status_code == 404:  # not one of ours: routing falls back to its own view
-                    unsupported.add(worker)
                     log.warning("worker %s reports no KV blocks; prefix routing approximates for it", worker)
-                    return
+                    return False
                 if r.status_code != 200:
-                    return  # still loading
+                    return True  # still loading
                 view.hasher = PromptHasher.from_report(r.json())
             r = await self.client.get(worker + "/kv/events", params={"since": view.number, "epoch": view.epoch},
                                       timeout=10)
             if r.status_code == 200:
                 self.index.apply(worker, r.json())
-        except (httpx.HTTPError, ValueError, KeyError, TypeError, ConfigError) as e:
+        except httpx.HTTPError as e:  # down or restarting: the proxy's health check deals with that
             log.debug("KV report from %s failed: %r", worker, e)
+        return True

@@ -36,6 +36,8 @@ class WorkerMetrics:
                                          "cache blocks", registry=r)
         self.pool_tokens_saved = Counter("disagg_kv_pool_saved_tokens", "Prompt tokens loaded instead of computed",
                                          registry=r)
+        self.pool_writes_dropped = Counter("disagg_kv_pool_dropped_writes", "Prompts not stored in the KV pool "
+                                           "because its writer was too far behind", registry=r)
         self.pool_load = Histogram("disagg_kv_pool_load_seconds", "Time to look up and load pooled blocks",
                                    registry=r, buckets=_LATENCY_BUCKETS)
         self.kv_leases_expired = Counter("disagg_kv_leases_expired", "Held KV freed because no decode pulled it",

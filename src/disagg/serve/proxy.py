@@ -158,9 +158,9 @@ class Proxy:
             return JSONResponse(error_body("request body must be a JSON object"), status_code=400)
         try:
             if self.opts.mode == "disaggregated" and body.get("max_tokens", body.get("max_completion_tokens")) != 1:
-                if self._prefill_locally(body):
+                if local := self._local_decode(body):
                     self.routed.labels("local_prefill").inc()
-                    return await self._forward("decode", path, body)
+                    return await self._forward("decode", path, body, only=local)
                 if self.opts.kv_push:
                     self.routed.labels("push").inc()
                     return await self._two_phase_push(request, path, body)
@@ -172,26 +172,31 @@ class Proxy:
         except UpstreamError as e:
             return JSONResponse(e.body, status_code=e.status)
 
-    def _prefill_locally(self, body: dict[str, Any]) -> bool:
-        """Conditional disaggregation: whether remote prefill does not pay for this request."""
+    def _local_decode(self, body: dict[str, Any]) -> str | None:
+        """Conditional disaggregation: the decode worker that should prefill this request itself, or
+        None when remote prefill pays. The uncached part is judged on the decode worker that holds
+        most of the prompt, and that is the worker the request then goes to."""
         o = self.opts
+        decodes = self.health.healthy(o.decode) or list(o.decode)
         prefills = self.health.healthy(o.prefill) or o.prefill
         if o.prefill_queue_limit and all(self.prefilling.get(w, 0) >= o.prefill_queue_limit for w in prefills):
-            return True
+            return self.policy.select("decode", decodes, body)
         if not o.local_prefill_threshold:
-            return False
-        decodes = self.health.healthy(o.decode) or o.decode
+            return None
         prompt = self.index.prompt(body, decodes)
         if prompt is None:  # workers that do not report: the proxy's estimate of the prompt, all of it uncached
-            uncached = estimated_tokens(body) - requested_output(body)
-        else:
-            ids, hashes, block_size = prompt
-            uncached = len(ids) - max(self.index.matched(w, hashes) for w in decodes) * block_size
-        return uncached < o.local_prefill_threshold
+            if estimated_tokens(body) - requested_output(body) >= o.local_prefill_threshold:
+                return None
+            return self.policy.select("decode", decodes, body)
+        ids, hashes, block_size = prompt
+        best = max(decodes, key=lambda w: self.index.matched(w, hashes))
+        if len(ids) - self.index.matched(best, hashes) * block_size >= o.local_prefill_threshold:
+            return None
+        return self.policy.select("decode", [best], body)  # the policy still counts it
 
-    async def _forward(self, pool: str, path: str, body: dict[str, Any]) -> Response:
+    async def _forward(self, pool: str, path: str, body: dict[str, Any], only: str | None = None) -> Response:
         stream = bool(body.get("stream"))
-        url, resp = await self._open(pool, path, body, stream)
+        url, resp = await self._open(pool, path, body, stream, only=only)
         if stream:
             return StreamingResponse(self._passthrough(url, resp, body), media_type="text/event-stream")
         self.policy.on_complete(url, body)

@@ -25,6 +25,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -67,6 +68,8 @@ from disagg.serve.protocol import (
 
 log = logging.getLogger("disagg.worker")
 
+POOL_WRITES_PENDING = 8  # prompts waiting for the pool writer beyond which new ones are not kept
+
 _EMPTY_STATS = dict.fromkeys(("running", "waiting", "held", "kv_blocks_used", "kv_blocks_total",
                               "prefix_cache_hits", "preemptions"), 0)
 
@@ -89,6 +92,8 @@ class Worker:
         self._tasks: list[asyncio.Task[Any]] = []
         self.pool = self._make_pool()
         self._pool_writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="disagg-kv-pool")
+        self._pool_lock = threading.Lock()
+        self._pool_pending = 0  # prompts copied for the pool, not yet written
 
     def _make_pool(self) -> KVPool | None:
         o = self.opts
@@ -203,7 +208,7 @@ class Worker:
                 prompt = engine.engine.make_sequence(rid, prompt, params)
             add |= await self._from_pool(engine, prompt)
         prompt_ids = None
-        if req.return_token_ids:
+        if req.return_token_ids and not (kvp is not None and kvp.first_token_ids and req.stream):
             if not isinstance(prompt, Sequence):
                 prompt = engine.engine.make_sequence(rid, prompt, params)
             prompt_ids = prompt.token_ids[: prompt.num_prompt_tokens]
@@ -215,7 +220,9 @@ class Worker:
             if pusher is not None:
                 pusher.abort()
             raise
-        fmt = _Formatter(engine.engine, rid, self.model_name, chat, params, prompt_ids)
+        # a decode worker given token 1 streams after the proxy, which already sent the prompt's ids
+        fmt = _Formatter(engine.engine, rid, self.model_name, chat, params, prompt_ids,
+                         token_ids=req.return_token_ids)
         if req.stream:
             return StreamingResponse(self._sse(fmt, first, stream, t0, req.include_usage),
                                      media_type="text/event-stream")
@@ -304,8 +311,7 @@ class Worker:
         pooled = await asyncio.to_thread(self.pool.leading, keys)  # existence only: nothing read yet
         out: dict[str, Any] = {}
         if pooled < len(keys):  # store what the pool lacks, once computed
-            out = {"on_prefilled": lambda kv: self._pool_writer.submit(self._to_pool, keys[pooled:], kv),
-                   "prefilled_from": pooled}
+            out = {"on_prefilled": lambda kv: self._queue_pool_write(keys[pooled:], kv), "prefilled_from": pooled}
         if pooled <= cached:  # the engine's own prefix cache has at least as much: read nothing
             return out
         hit = await asyncio.to_thread(self.pool.lookup, keys)
@@ -320,12 +326,27 @@ class Worker:
         n = len(blocks) * bs
         return out | {"kv": ImportedKV(data, n, tokens_digest(ids[:n]))}
 
+    def _queue_pool_write(self, keys: list[bytes], kv: torch.Tensor) -> None:
+        """On the engine thread: hand a prompt's new blocks to the writer, unless it is this far
+        behind (each waiting copy holds memory, GPU memory on CUDA): then they are not kept."""
+        with self._pool_lock:
+            if self._pool_pending >= POOL_WRITES_PENDING:
+                self.metrics.pool_writes_dropped.inc()
+                return
+            self._pool_pending += 1
+        self._pool_writer.submit(self._to_pool, keys, kv)
+
     def _to_pool(self, keys: list[bytes], kv: torch.Tensor) -> None:
         """On the pool's writer thread: split the prompt's full blocks and store them."""
-        cpu = kv.to("cpu").contiguous()
-        blocks = [cpu.narrow(BLOCK_DIM, j, 1).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                  for j in range(cpu.shape[BLOCK_DIM])]
-        self.pool.store(keys[: len(blocks)], blocks)
+        try:
+            cpu = kv.to("cpu").contiguous()
+            del kv
+            blocks = [cpu.narrow(BLOCK_DIM, j, 1).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                      for j in range(cpu.shape[BLOCK_DIM])]
+            self.pool.store(keys[: len(blocks)], blocks)
+        finally:
+            with self._pool_lock:
+                self._pool_pending -= 1
 
     def _pusher(self, engine: AsyncEngine, kvp: Any, seq: Sequence) -> Pusher | None:
         """A pusher for this prefill's KV, or None where pushing cannot work (the decode side then
@@ -450,10 +471,10 @@ class _Formatter:
     """RequestOutputs -> OpenAI response bodies and stream chunks, for completions and chat."""
 
     def __init__(self, engine: LLMEngine, rid: str, model: str, chat: bool, params: SamplingParams,
-                 prompt_token_ids: list[int] | None = None) -> None:
+                 prompt_token_ids: list[int] | None = None, token_ids: bool = False) -> None:
         self.tok = engine.tokenizer
         self.rid, self.model, self.chat, self.params = rid, model, chat, params
-        self.prompt_ids = prompt_token_ids  # set: return_token_ids was asked for
+        self.prompt_ids, self.token_ids = prompt_token_ids, token_ids  # return_token_ids
         self.created = now()
         self.first_time: float | None = None
         self._role_sent = False
@@ -477,11 +498,11 @@ class _Formatter:
             self.first_time = time.perf_counter()
         first = not self._role_sent
         self._role_sent = True
-        ids = self.prompt_ids is not None
         return stream_chunk(self.rid, self.created, self.model, self.chat, out.new_text, role=self.chat and first,
                             finish_reason=out.finish_reason, stop_reason=out.stop_reason,
-                            logprobs=self._logprobs(out.new_logprobs), token_ids=out.new_token_ids if ids else None,
-                            prompt_token_ids=self.prompt_ids if ids and first else None)
+                            logprobs=self._logprobs(out.new_logprobs),
+                            token_ids=out.new_token_ids if self.token_ids else None,
+                            prompt_token_ids=self.prompt_ids if first else None)
 
     def usage_chunk(self, last: RequestOutput) -> dict[str, Any]:
         return usage_chunk(self.rid, self.created, self.model, self.chat,
@@ -502,7 +523,7 @@ class _Formatter:
         body = {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [choice],
                 "usage": usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)}
-        if self.prompt_ids is not None:  # where vLLM puts them: per choice, the prompt's on chat's body
+        if self.token_ids:  # where vLLM puts them: per choice, the prompt's on chat's body
             choice["token_ids"] = [t for o in outs for t in o.new_token_ids]
             (body if self.chat else choice)["prompt_token_ids"] = self.prompt_ids
         if kv_transfer_params is not None:
