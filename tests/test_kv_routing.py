@@ -127,3 +127,47 @@ def test_multi_turn_benchmark_sends_the_real_answers_so_history_hits_the_cache()
         assert [r.ok for r in records] == [True, True]
         assert records[1].prompt_tokens == 32 + 48 + 16
         assert metrics(url)["disagg_prefix_cache_hit_blocks"] - hits == 4
+
+
+def test_shared_prefix_and_multi_turn_answers_are_the_same_with_and_without_reuse():
+    """Greedy answers from the defaults (prefix routing, memory + disk pool, prefix caches) equal a
+    single worker's with no reuse at all, request for request."""
+    import asyncio
+    import dataclasses
+
+    from disagg.bench.client import BenchClient
+    from test_serve import ENGINE
+
+    prefix = list(range(5000, 5100))  # 100 shared tokens: 6 full blocks
+    prompts = [prefix + list(range(6000 + 10 * i, 6000 + 10 * i + 12)) for i in range(4)]
+    turns = [list(range(7000, 7040)), list(range(7100, 7120)), list(range(7200, 7230))]
+
+    async def answers(url: str) -> list[list[int]]:
+        client = BenchClient(url, MODEL)
+        try:
+            out = []
+            for p in prompts + prompts[:2]:  # repeats: served from caches and the pool the second time
+                rec, ids = await client.send(p, 6)
+                assert rec.ok, rec.error
+                assert isinstance(ids, list)
+                out.append(ids)
+            history: list[int] = []
+            for new in turns:  # one conversation, its history sent back each turn
+                history += new
+                rec, ids = await client.send(history, 8)
+                assert rec.ok, rec.error
+                assert isinstance(ids, list)
+                out.append(ids)
+                history += ids
+            return out
+        finally:
+            await client.aclose()
+
+    with start("single", kv_pool_memory="0", kv_pool_dir="",
+               engine=dataclasses.replace(ENGINE, enable_prefix_caching=False)) as c:
+        expected = asyncio.run(answers(c.url))
+    with start("replicated") as c:
+        got = asyncio.run(answers(c.url))
+        saved = sum(metrics(u).get("disagg_prefix_cache_hit_blocks", 0) for u in c.worker_urls().values())
+    assert got == expected
+    assert saved > 0  # and reuse did happen

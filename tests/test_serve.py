@@ -45,8 +45,9 @@ def start(arch: str, **kw) -> Cluster:
     """A cluster with the launcher's defaults, but a disk pool of its own (not the user's cache)."""
     budget = kw.pop("budget", 1 if arch == "single" else 2)
     kw.setdefault("kv_pool_dir", tempfile.mkdtemp(dir=POOLS))
+    engine = kw.pop("engine", ENGINE)
     opts = UpOptions(arch=arch, budget=budget, port=free_port(), startup_timeout=120, **kw)
-    return Cluster(opts, kw.pop("engine", ENGINE)).start()
+    return Cluster(opts, engine).start()
 
 
 @pytest.fixture(scope="module", params=["single", "replicated", "disaggregated"])
