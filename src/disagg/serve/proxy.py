@@ -37,7 +37,14 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from disagg.kv.tcp import KVClient, KVTransferError
 from disagg.serve.kv_index import KVIndex, KVWatcher
@@ -46,6 +53,7 @@ from disagg.serve.protocol import SSE_DONE, error_body, new_id, now, sse, stream
 from disagg.serve.routing import RoutingPolicy, WorkerHealth, estimated_tokens, make_policy, requested_output
 
 log = logging.getLogger("disagg.proxy")
+disable_created_metrics()  # the *_created series only add noise to a scrape
 
 
 class UpstreamError(Exception):
