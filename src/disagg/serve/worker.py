@@ -195,32 +195,28 @@ class Worker:
         if kvp is not None and kvp.do_remote_decode:
             params = dataclasses.replace(params, max_tokens=1)
             add["hold_blocks"] = True
+        seq = engine.engine.make_sequence(rid, prompt, params)  # tokenized once, for every use below
+        if kvp is not None and kvp.do_remote_decode:
             if kvp.push_id and kvp.push_host and kvp.push_port:
-                prompt = engine.engine.make_sequence(rid, prompt, params)
-                pusher = self._pusher(engine, kvp, prompt)
+                pusher = self._pusher(engine, kvp, seq)
                 if pusher is not None:
                     add["layer_hook"] = pusher.layer_done
         elif kvp is not None and kvp.do_remote_prefill:
-            prompt = engine.engine.make_sequence(rid, prompt, params)
-            add = await (self._await_push(engine, kvp, prompt) if kvp.push_id else self._pull(engine, kvp, prompt))
+            add = await (self._await_push(engine, kvp, seq) if kvp.push_id else self._pull(engine, kvp, seq))
         if self.pool is not None and "kv" not in add and not (kvp is not None and kvp.do_remote_prefill):
-            if not isinstance(prompt, Sequence):
-                prompt = engine.engine.make_sequence(rid, prompt, params)
-            add |= await self._from_pool(engine, prompt)
+            add |= await self._from_pool(engine, seq)
         prompt_ids = None
+        # a decode worker given token 1 streams after the proxy, which already sent the prompt's ids
         if req.return_token_ids and not (kvp is not None and kvp.first_token_ids and req.stream):
-            if not isinstance(prompt, Sequence):
-                prompt = engine.engine.make_sequence(rid, prompt, params)
-            prompt_ids = prompt.token_ids[: prompt.num_prompt_tokens]
+            prompt_ids = seq.token_ids[: seq.num_prompt_tokens]
         t0 = time.perf_counter()
-        stream = engine.generate(prompt, params, request_id=rid, **add)
+        stream = engine.generate(seq, params, request_id=rid, **add)
         try:
             first = await anext(stream)  # bad input raises here, before any byte is sent
         except BaseException:
             if pusher is not None:
                 pusher.abort()
             raise
-        # a decode worker given token 1 streams after the proxy, which already sent the prompt's ids
         fmt = _Formatter(engine.engine, rid, self.model_name, chat, params, prompt_ids,
                          token_ids=req.return_token_ids)
         if req.stream:
