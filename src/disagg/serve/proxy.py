@@ -50,7 +50,7 @@ from disagg.kv.tcp import KVClient, KVTransferError
 from disagg.serve.kv_index import KVIndex, KVWatcher
 from disagg.serve.options import ProxyOptions
 from disagg.serve.protocol import SSE_DONE, error_body, new_id, now, sse, stream_chunk, usage_chunk
-from disagg.serve.routing import RoutingPolicy, WorkerHealth, estimated_tokens, make_policy, requested_output
+from disagg.serve.routing import RoutingPolicy, WorkerHealth, estimated_prompt_tokens, make_policy
 
 log = logging.getLogger("disagg.proxy")
 disable_created_metrics()  # the *_created series only add noise to a scrape
@@ -186,14 +186,14 @@ class Proxy:
         most of the prompt, and that is the worker the request then goes to."""
         o = self.opts
         decodes = self.health.healthy(o.decode) or list(o.decode)
-        prefills = self.health.healthy(o.prefill) or o.prefill
+        prefills = self.health.healthy(o.prefill) or list(o.prefill)
         if o.prefill_queue_limit and all(self.prefilling.get(w, 0) >= o.prefill_queue_limit for w in prefills):
             return self.policy.select("decode", decodes, body)
         if not o.local_prefill_threshold:
             return None
         prompt = self.index.prompt(body, decodes)
         if prompt is None:  # workers that do not report: the proxy's estimate of the prompt, all of it uncached
-            if estimated_tokens(body) - requested_output(body) >= o.local_prefill_threshold:
+            if estimated_prompt_tokens(body) >= o.local_prefill_threshold:
                 return None
             return self.policy.select("decode", decodes, body)
         ids, hashes, block_size = prompt

@@ -8,7 +8,8 @@ when each request it placed has ended (answered, failed or abandoned: exactly on
   it was given that have not ended), as the proxy itself counts them.
 - prefix: the worker that holds most of the request's leading KV blocks, weighed against load (as
   Dynamo's KV router does): cost = prompt tokens it would have to prefill + its outstanding
-  tokens, lowest wins. What each worker holds comes from its own block-hash reports
+  tokens, lowest wins (the request's own size is the same everywhere, so this is outstanding
+  tokens minus the prompt tokens cached there). What each worker holds comes from its own block-hash reports
   (serve/kv_index.py); for workers that do not report (vLLM), the proxy tracks what it sent each
   one as chained hashes of 64-character chunks (or 16-token chunks of token-id prompts), an
   approximate radix tree like SGLang's cache-aware router.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -57,17 +58,20 @@ ROUTING = ("round-robin", "least-load", "prefix", "session")
 DEFAULT_MAX_TOKENS = 256  # what a request without max_tokens is counted as
 
 
-def estimated_tokens(request: dict[str, Any]) -> int:
-    """Prompt tokens (exact for token ids, ~4 characters a token for text) plus max_tokens."""
+def estimated_prompt_tokens(request: dict[str, Any]) -> int:
+    """Prompt tokens: exact for token ids, ~4 characters a token for text."""
     prompt = request.get("prompt")
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        n = len(prompt)
-    elif isinstance(prompt, str):
-        n = len(prompt) // 4 + 1
-    else:
-        messages = request.get("messages") if isinstance(request.get("messages"), list) else []
-        n = sum(len(str(m.get("content", ""))) // 4 + 4 for m in messages if isinstance(m, dict))
-    return n + requested_output(request)
+        return len(prompt)
+    if isinstance(prompt, str):
+        return len(prompt) // 4 + 1
+    messages = request.get("messages") if isinstance(request.get("messages"), list) else []
+    return sum(len(str(m.get("content", ""))) // 4 + 4 for m in messages if isinstance(m, dict))
+
+
+def estimated_tokens(request: dict[str, Any]) -> int:
+    """Prompt tokens plus max_tokens: what a request will cost the worker that gets it."""
+    return estimated_prompt_tokens(request) + requested_output(request)
 
 
 def requested_output(request: dict[str, Any]) -> int:
@@ -80,10 +84,13 @@ class LeastLoad:
         self.load: dict[str, int] = {}
         self._rr = RoundRobin()  # breaks ties, so an idle pool is still spread
 
-    def select(self, pool: str, workers: Sequence[str], request: dict[str, Any]) -> str:
+    def select(self, pool: str, workers: Sequence[str], request: dict[str, Any],
+               cached: Callable[[str], int] = lambda w: 0) -> str:
+        """The worker with the lowest outstanding tokens minus `cached(worker)`, the prompt tokens
+        it would not have to prefill (prefix-aware routing's discount); ties rotate."""
         start = self._rr.select(pool, range(len(workers)), request)
         order = [workers[(start + i) % len(workers)] for i in range(len(workers))]
-        worker = min(order, key=lambda w: self.load.get(w, 0))
+        worker = min(order, key=lambda w: self.load.get(w, 0) - cached(w))
         self.charge(worker, request)
         return worker
 
@@ -157,33 +164,20 @@ class PrefixAware:
         prompt = self.index.prompt(request, workers) if self.index is not None else None
         if prompt is None:
             return self._select_approximate(pool, workers, request)
-        ids, hashes, block_size = prompt
+        _, hashes, block_size = prompt
         index = self.index
-        total = len(ids) + requested_output(request)
-
-        def cost(w: str) -> int:
-            return total - index.matched(w, hashes) * block_size + self.load.load.get(w, 0)
-
-        worker = self._cheapest(pool, workers, request, cost)
+        worker = self.load.select(pool, workers, request, cached=lambda w: index.matched(w, hashes) * block_size)
         index.predict(worker, hashes)
-        return worker
-
-    def _cheapest(self, pool: str, workers: Sequence[str], request: dict[str, Any], cost: Any) -> str:
-        start = self.load._rr.select(pool, range(len(workers)), request)  # ties rotate
-        worker = min((workers[(start + i) % len(workers)] for i in range(len(workers))), key=cost)
-        self.load.charge(worker, request)
         return worker
 
     def _select_approximate(self, pool: str, workers: Sequence[str], request: dict[str, Any]) -> str:
         keys, per = self.chunks(request)
-        total = estimated_tokens(request)
 
-        def cost(w: str) -> int:
+        def cached(w: str) -> int:
             seen = self.seen.get((pool, w), {})
-            matched = next((i for i, k in enumerate(keys) if k not in seen), len(keys))
-            return total - matched * per + self.load.load.get(w, 0)
+            return per * next((i for i, k in enumerate(keys) if k not in seen), len(keys))
 
-        worker = self._cheapest(pool, workers, request, cost)
+        worker = self.load.select(pool, workers, request, cached=cached)
         seen = self.seen.setdefault((pool, worker), OrderedDict())
         for k in keys:
             seen[k] = None
