@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from disagg.errors import InvalidRequestError
 from disagg.kv.block_hash import chain_hashes
 from disagg.model.tokenizer import Tokenizer
+from disagg.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("disagg.kv_index")
 
@@ -48,29 +50,15 @@ class PromptHasher:
         return cls(Tokenizer.from_dict(report["tokenizer"]), str(report["model_id"]), int(report["block_size"]))
 
     def token_ids(self, body: dict[str, Any]) -> list[int] | None:
-        """The prompt as the worker will see it; None where the request is not one we can read
-        (the worker will answer it with an error anyway)."""
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return prompt
-        if isinstance(prompt, str) and prompt:
-            return self.tokenizer.encode(prompt)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return None
-        plain = []
-        for m in messages:
-            if not isinstance(m, dict):
-                return None
-            content = m.get("content")
-            if isinstance(content, list):
-                if not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
-                    return None
-                content = "".join(p["text"] for p in content)
-            plain.append({"role": m.get("role"), "content": content})
+        """The prompt as the worker will see it, read by the worker's own request models; None where
+        the request is not one we can read (the worker will answer it with an error anyway)."""
         try:
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(plain))
-        except InvalidRequestError:  # the worker will say what is wrong with it
+            if "prompt" in body:
+                prompt = CompletionRequest.model_validate(body).prompt
+                return prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+            messages = ChatCompletionRequest.model_validate(body).chat_messages()
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+        except (ValidationError, InvalidRequestError):
             return None
 
     def hashes(self, token_ids: Sequence[int]) -> list[bytes]:
