@@ -34,7 +34,7 @@ from disagg.bench.runner import Load, run_load
 from disagg.bench.workloads import Session, Turn, WorkloadSpec, generate
 from disagg.engine.config import EngineConfig
 from disagg.serve.launcher import Cluster, free_port
-from disagg.serve.options import UpOptions
+from disagg.serve.options import NO_KV_POOL, UpOptions
 
 
 def run(opts: UpOptions, engine: EngineConfig, sessions: list[Session], concurrency: int) -> list[RequestRecord]:
@@ -59,7 +59,7 @@ def shared_prefix(args: argparse.Namespace, engine: EngineConfig, console: Conso
     sessions = generate(spec)
     pool = tempfile.mkdtemp(prefix="disagg-kv-reuse-")
     base = UpOptions(arch="replicated", budget=2, kv_pool_dir=pool)
-    none = {"routing": "round-robin", "kv_pool_memory": "0", "kv_pool_dir": ""}
+    none = {"routing": "round-robin"} | NO_KV_POOL
     configs = [("no reuse", replace(base, **none), replace(engine, enable_prefix_caching=False)),
                ("prefix cache, round-robin", replace(base, **none), engine),
                ("defaults: prefix routing + pool", base, engine),
@@ -94,10 +94,9 @@ def multi_turn(args: argparse.Namespace, engine: EngineConfig, console: Console)
         return [statistics.median(by_prompt[n]) * 1000 for n in lengths], lengths
 
     pool = tempfile.mkdtemp(prefix="disagg-kv-reuse-")
-    no_pool = {"kv_pool_memory": "0", "kv_pool_dir": ""}
     single = UpOptions(arch="single", budget=1, kv_pool_dir=pool)
     with_reuse, lengths = run_turns(single, engine, 1)
-    without, _ = run_turns(replace(single, **no_pool), replace(engine, enable_prefix_caching=False), 1)
+    without, _ = run_turns(replace(single, **NO_KV_POOL), replace(engine, enable_prefix_caching=False), 1)
     table = Table(title=f"Multi-turn, 1 worker: {args.sessions} sessions one after another, each turn adds the "
                         f"new tokens below + a {args.answer_len}-token answer; TTFT p50 ms")
     for col in ("turn", "history tokens", "new tokens", "TTFT with reuse", "TTFT without", "without / with"):
@@ -108,7 +107,7 @@ def multi_turn(args: argparse.Namespace, engine: EngineConfig, console: Console)
     console.print(table)
 
     replicated = UpOptions(arch="replicated", budget=2, kv_pool_dir=tempfile.mkdtemp(prefix="disagg-kv-reuse-"))
-    rr, _ = run_turns(replace(replicated, routing="round-robin", **no_pool), engine, 2)
+    rr, _ = run_turns(replace(replicated, routing="round-robin", **NO_KV_POOL), engine, 2)
     defaults, _ = run_turns(replicated, engine, 2)
     table = Table(title=f"Multi-turn, 2 replicas, 2 sessions at a time ({args.sessions} in all); TTFT p50 ms")
     for col in ("turn", "history tokens", "new tokens", "round-robin, prefix cache only", "defaults", "ratio"):

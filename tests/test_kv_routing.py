@@ -6,6 +6,7 @@ import threading
 
 import httpx
 
+from disagg.serve.options import NO_KV_POOL
 from test_serve import (
     MODEL,
     client,
@@ -163,7 +164,7 @@ def test_shared_prefix_and_multi_turn_answers_are_the_same_with_and_without_reus
         finally:
             await client.aclose()
 
-    with start("single", kv_pool_memory="0", kv_pool_dir="",
+    with start("single", **NO_KV_POOL,
                engine=dataclasses.replace(ENGINE, enable_prefix_caching=False)) as c:
         expected = asyncio.run(answers(c.url))
     with start("replicated") as c:

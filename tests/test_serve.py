@@ -24,7 +24,7 @@ from disagg.kv.layout import kv_bytes_per_token
 from disagg.model.loader import resolve
 from disagg.model.presets import PRESETS
 from disagg.serve.launcher import Cluster, free_port
-from disagg.serve.options import UpOptions
+from disagg.serve.options import NO_KV_POOL, UpOptions
 
 MODEL = "smollm2-135m"
 ENGINE = EngineConfig(model=MODEL, kv_cache_memory="256MiB", device="cpu")
@@ -360,9 +360,6 @@ def test_a_push_that_never_comes_does_not_keep_decode_blocks():
         assert metrics(decode)["disagg_kv_pull_failures_total"] == 1
 
 
-NO_POOL = {"kv_pool_memory": "0", "kv_pool_dir": ""}
-
-
 def _greedy(url: str, prompt: str) -> dict:
     return httpx.post(url + "/v1/completions", timeout=60, json={
         "model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}).json()
@@ -371,7 +368,7 @@ def _greedy(url: str, prompt: str) -> dict:
 @pytest.mark.parametrize("tier", ["disk", "redis"])
 def test_a_replica_serves_a_prefix_the_other_computed_from_the_shared_pool(tier, tmp_path, request):
     prompt = PROMPTS[3] * 3  # several full blocks
-    with start("single", **NO_POOL) as c:  # without a pool: the reference continuation
+    with start("single", **NO_KV_POOL) as c:  # without a pool: the reference continuation
         expected = _greedy(c.url, prompt)["choices"][0]["text"]
     shared = ({"kv_pool_dir": str(tmp_path / "pool")} if tier == "disk" else
               {"kv_pool_dir": "", "kv_pool_redis": request.getfixturevalue("redis_url")})

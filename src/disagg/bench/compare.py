@@ -111,9 +111,9 @@ def findings(avg: dict[tuple[str, int], dict[str, float]], archs: tuple[str, ...
 async def _run_arch(arch: str, opts: CompareOptions, load: LoadOptions, engine: EngineConfig,
                     on_done: Any) -> tuple[list[dict[str, Any]], str]:
     from disagg.serve.launcher import Cluster, free_port
-    from disagg.serve.options import UpOptions
+    from disagg.serve.options import NO_KV_POOL, UpOptions
 
-    pool = {} if opts.kv_pool else {"kv_pool_memory": "0", "kv_pool_dir": ""}
+    pool = {} if opts.kv_pool else NO_KV_POOL
     up = UpOptions(arch=arch, budget=opts.budget, port=free_port(), kv_bandwidth=opts.kv_bandwidth,
                    kv_latency=opts.kv_latency, kv_push=opts.kv_push, startup_timeout=opts.startup_timeout,
                    log_dir=str(Path(opts.out_dir) / "logs" / arch), routing=opts.routing, **pool)

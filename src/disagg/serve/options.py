@@ -12,6 +12,7 @@ from disagg.errors import ConfigError
 from disagg.kv.netem import Link
 
 ROLES = ("both", "prefill", "decode")
+NO_KV_POOL = {"kv_pool_memory": "0", "kv_pool_dir": ""}  # UpOptions fields for workers without a KV pool
 MODES = ("single", "replicated", "disaggregated")
 ARCHS = ("single", "replicated", "disaggregated", "single-all")
 KV_TRANSPORTS = ("tcp", "shm", "nixl")
@@ -36,11 +37,19 @@ def _check_transport(name: str, codec: str) -> None:
         raise ConfigError(f"kv_codec must be one of {', '.join(KV_CODECS)}, got {codec!r}")
 
 
-def _check_pool(write: str, redis_url: str | None) -> None:
-    if write not in ("through", "back"):
-        raise ConfigError(f"kv_pool_write must be through or back, got {write!r}")
+def _check_pool(redis_url: str | None, *sizes: str) -> None:
+    """The pool's Redis URL and byte budgets, checked here so `up` fails before starting a worker."""
+    from disagg.engine.config import parse_bytes
+
+    for size in sizes:
+        parse_bytes(size)
     if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"kv_pool_redis must be a redis://host:port/db URL, got {redis_url!r}")
+
+
+def _check_conditional(threshold: int, queue_limit: int) -> None:
+    if threshold < 0 or queue_limit < 0:
+        raise ConfigError("local_prefill_threshold and prefill_queue_limit must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,9 @@ class ServeOptions:
         self.cpu_list()
         self.link()
         _check_transport(self.kv_transport, self.kv_codec)
-        _check_pool(self.kv_pool_write, self.kv_pool_redis)
+        _check_pool(self.kv_pool_redis, self.kv_pool_memory, self.kv_pool_disk, self.kv_pool_redis_budget)
+        if self.kv_pool_write not in ("through", "back"):
+            raise ConfigError(f"kv_pool_write must be through or back, got {self.kv_pool_write!r}")
 
     def link(self) -> Link:
         return Link.parse(self.kv_bandwidth, self.kv_latency)
@@ -134,8 +145,7 @@ class ProxyOptions:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _check_routing(self.routing)
-        if self.local_prefill_threshold < 0 or self.prefill_queue_limit < 0:
-            raise ConfigError("local_prefill_threshold and prefill_queue_limit must be >= 0")
+        _check_conditional(self.local_prefill_threshold, self.prefill_queue_limit)
         if self.mode == "single" and len(self.worker) != 1:
             raise ConfigError("--mode single takes exactly one --worker URL")
         if self.mode == "replicated" and not self.worker:
@@ -188,9 +198,8 @@ class UpOptions:
         Link.parse(self.kv_bandwidth, self.kv_latency)
         _check_transport(self.kv_transport, self.kv_codec)
         _check_routing(self.routing)
-        _check_pool("through", self.kv_pool_redis)
-        if self.local_prefill_threshold < 0 or self.prefill_queue_limit < 0:
-            raise ConfigError("local_prefill_threshold and prefill_queue_limit must be >= 0")
+        _check_pool(self.kv_pool_redis, self.kv_pool_memory, self.kv_pool_disk)
+        _check_conditional(self.local_prefill_threshold, self.prefill_queue_limit)
         if self.arch != "disaggregated" and (self.prefill or self.decode):
             raise ConfigError("--prefill and --decode apply to --arch disaggregated only")
         if self.arch == "disaggregated":
