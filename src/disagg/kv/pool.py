@@ -408,11 +408,11 @@ class KVPool:
                 for j, data in zip(mine, tier.get_many([keys[j] for j in mine]), strict=True):
                     found[j] = data
             n = next((j for j, d in enumerate(found) if d is None), n)  # vanished or corrupt: cut there
+            looked = len(keys[: n + 1])  # the prefix, and the first block nobody had
             for i, tier in enumerate(self.tiers):
                 mine = [j for j in range(n) if where[j] == i]
                 tier.stats.hits += len(mine)
                 tier.stats.bytes_read += sum(len(found[j]) for j in mine)
-                looked = len(keys[: n + 1])  # the prefix, and the first block nobody had
                 tier.stats.misses += looked - sum(1 for w in where[:n] if w <= i)
                 for j in mine:
                     for faster in self.tiers[:i]:
