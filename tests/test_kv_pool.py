@@ -171,3 +171,25 @@ def test_a_disk_tier_that_cannot_write_counts_errors_and_fails_nothing(tmp_path)
     assert disk.stats.errors == (1 if keys[0].hex()[:2] != keys[1].hex()[:2] else 2)
     assert pool.lookup(keys).blocks == data  # memory still serves them
     assert not list(tmp_path.glob("**/*.tmp*"))
+
+
+def test_a_worker_keeps_at_most_a_few_prompts_waiting_for_the_pool_writer():
+    import threading
+
+    import torch
+
+    from disagg.engine.config import EngineConfig
+    from disagg.serve.options import ServeOptions
+    from disagg.serve.worker import POOL_WRITES_PENDING, Worker
+
+    worker = Worker(EngineConfig(model="tiny", device="cpu"), ServeOptions(kv_pool_memory="1MiB"))
+    gate = threading.Event()
+    worker._pool_writer.submit(gate.wait)  # the writer is busy
+    keys, _ = blocks(1)
+    for _ in range(POOL_WRITES_PENDING + 3):
+        worker._queue_pool_write(keys, torch.zeros(2, 1, 1, 1, 4))
+    assert worker.metrics.pool_writes_dropped._value.get() == 3
+    gate.set()
+    worker._pool_writer.shutdown(wait=True)
+    assert worker._pool_pending == 0
+    assert worker.pool.leading(keys) == 1  # what was queued got written
