@@ -29,10 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 from disagg.bench.client import BenchClient
-from disagg.bench.metrics import RequestRecord, summarize
 from disagg.bench.runner import Load, run_load
 from disagg.bench.workloads import Session, Turn, WorkloadSpec, generate
 from disagg.engine.config import EngineConfig
+from disagg.metrics import RequestRecord, summarize
 from disagg.serve.launcher import Cluster, free_port
 from disagg.serve.options import NO_KV_POOL, UpOptions
 

@@ -19,8 +19,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from disagg.bench.metrics import percentile
 from disagg.engine.config import EngineConfig
+from disagg.metrics import percentile
 from disagg.serve.launcher import Cluster, free_port
 from disagg.serve.options import UpOptions
 

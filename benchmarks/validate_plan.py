@@ -19,7 +19,7 @@ from dataclasses import replace
 from rich.console import Console
 from rich.table import Table
 
-from disagg.bench.workloads import parse_len
+from disagg.parsing import parse_len
 from disagg.sim.cost import WorkerCost
 from disagg.sim.hardware import find
 from disagg.sim.model import ModelSpec

@@ -8,7 +8,7 @@ import contextlib
 import pytest
 
 from conftest import make_engine
-from disagg.engine.async_engine import AsyncEngine
+from disagg.engine.async_engine import AsyncEngine, EngineRequest
 from disagg.engine.sampling import SamplingParams
 from disagg.errors import InvalidRequestError
 
@@ -24,9 +24,13 @@ def front():
     f.shutdown()
 
 
+def request(prompt: str, params: SamplingParams = PARAMS) -> EngineRequest:
+    return EngineRequest(f"r-{prompt[:20]}-{id(params)}", prompt, params)
+
+
 async def collect(front: AsyncEngine, prompt: str) -> list[int]:
     tokens: list[int] = []
-    async for out in front.generate(prompt, PARAMS):
+    async for out in front.generate(request(prompt)):
         tokens += out.new_token_ids
     return tokens
 
@@ -43,7 +47,7 @@ def test_concurrent_streams_equal_the_sync_engine(front):
 def test_closing_a_stream_aborts_the_request_and_frees_blocks(front):
     async def main():
         long = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
-        stream = front.generate("abandoned", long)
+        stream = front.generate(request("abandoned", long))
         async with contextlib.aclosing(stream):
             seen = 0
             async for _ in stream:
@@ -60,7 +64,7 @@ def test_closing_a_stream_aborts_the_request_and_frees_blocks(front):
 
 def test_bad_input_raises_in_the_caller(front):
     async def main():
-        async for _ in front.generate("", PARAMS):
+        async for _ in front.generate(request("")):
             pass
 
     with pytest.raises(InvalidRequestError):

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from conftest import full_logits, make_engine
-from disagg.engine.llm_engine import ImportedKV
 from disagg.engine.sampling import SamplingParams
 from disagg.model.loader import load_model, resolve
 
@@ -35,25 +34,37 @@ def test_cuda_fp32_logits_match_cpu(preset):
     assert (gpu - cpu).abs().max().item() <= 1e-3
 
 
-def test_cuda_kv_handoff_and_batching_fp32():
+def test_cuda_batching_and_kv_handoff_through_the_connector_fp32():
+    from disagg.kv.fake import FakeNetwork
+    from disagg.kv.params import KVTransferParams
+    from test_kv_connector import PROMPT, Worker, prefill_then, run, tokens
+
     engine = make_engine(model="tiny", device="cuda", dtype="float32", kv_cache_memory="64MiB")
     alone = [engine.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
     assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == alone
 
-    engine.add_request("pre", PROMPTS[2], SamplingParams(max_tokens=1, temperature=0), hold_blocks=True)
-    first = []
-    while engine.has_unfinished():
-        first += [t for o in engine.step() for t in o.new_token_ids]
-    kv = engine.export_kv("pre")
-    assert kv.data.is_cuda
-    assert engine.release("pre")
-    decode = make_engine(model="tiny", device="cuda", dtype="float32", kv_cache_memory="64MiB")
-    decode.add_request("dec", PROMPTS[2], GREEDY, kv=ImportedKV(kv.data, kv.num_tokens), first_token_ids=first)
-    rest = []
-    while decode.has_unfinished():
-        rest += [t for o in decode.step() for t in o.new_token_ids]
-    assert first + rest == alone[2]
-    assert engine.block_manager.num_used_blocks == decode.block_manager.num_used_blocks == 0
+    network = FakeNetwork()
+    gpu = {"device": "cuda", "dtype": "float32", "kv_cache_memory": "64MiB"}
+    expected = engine.generate([PROMPT], GREEDY)[0].token_ids
+    # pull from a GPU prefill (exported as a copy) into a GPU decode (staged, then written in place),
+    # the decode holding the prompt's first blocks already: only the rest moves
+    prefill, decode = Worker(network, **gpu), Worker(network, **gpu)
+    decode.engine.generate([PROMPT[:40]], SamplingParams(max_tokens=1))
+    kvp = prefill_then(prefill)
+    decode.engine.add_request("dec", PROMPT, GREEDY, KVTransferParams.model_validate(kvp))
+    assert kvp["first_token_ids"] + tokens(run(prefill, decode)["dec"]) == expected
+    assert decode.metrics.n["received"] == 3 * decode.engine.kv_cache.block_bytes
+    # a CPU prefill pushes layer by layer into a GPU decode
+    cpu_prefill, gpu_decode = Worker(network), Worker(network, **gpu)
+    push = {"push_id": "p1", "push_host": gpu_decode.address.host, "push_port": gpu_decode.address.port}
+    gpu_decode.engine.add_request("dec", PROMPT, GREEDY, KVTransferParams(do_remote_prefill=True, push_id="p1"))
+    cpu_prefill.engine.add_request("pre", PROMPT, GREEDY, KVTransferParams(do_remote_decode=True, **push))
+    outs = run(cpu_prefill, gpu_decode)
+    assert gpu_decode.metrics.n["via_push"] == 1
+    assert tokens(outs["pre"]) + tokens(outs["dec"]) == expected
+    for w in (prefill, decode, cpu_prefill, gpu_decode):
+        assert w.used() == 0
+        w.close()
 
 
 def test_cuda_defaults_to_half_precision_and_runs_a_batch():

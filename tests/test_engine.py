@@ -1,4 +1,5 @@
-"""The engine end to end on the bundled model: batching, caching, preemption, KV handoff, stops."""
+"""The engine end to end on the bundled model: batching, caching, preemption, stops, and the KV
+connector hooks as the engine calls them."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import pytest
 import torch
 
 from conftest import make_engine
-from disagg.engine.kv_cache import BLOCK_DIM
-from disagg.engine.llm_engine import ImportedKV
 from disagg.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -59,42 +58,6 @@ def test_prefix_cache_hits_leave_outputs_unchanged(smol, alone):
     assert again.token_ids == first.token_ids == alone[6]
     reference = make_engine(model="smollm2-135m", kv_cache_memory="64MiB", enable_prefix_caching=False)
     assert extended.token_ids == reference.generate([long_prompt + " Moreover,"], GREEDY)[0].token_ids
-
-
-@pytest.mark.parametrize("send_first_token", [True, False])
-def test_kv_export_import_continues_exactly(smol, send_first_token):
-    prompt = prompts()[3]
-    expected = smol.generate([prompt], GREEDY)[0].token_ids
-
-    # "prefill worker": compute the prompt and token 1, keep the blocks for export
-    smol.add_request("pre", prompt, SamplingParams(max_tokens=1, temperature=0), hold_blocks=True)
-    first = [t for o in _drain(smol) for t in o.new_token_ids]
-    assert first == expected[:1]
-    assert smol.block_manager.num_used_blocks > 0
-    kv = smol.export_kv("pre")
-    assert kv.num_tokens == len(smol.tokenize(prompt))
-    assert smol.release("pre")
-
-    # "decode worker": a separate engine imports the blocks and continues
-    decode = make_engine(model="smollm2-135m", kv_cache_memory="64MiB")
-    decode.add_request("dec", prompt, GREEDY, kv=ImportedKV(kv.data.clone(), kv.num_tokens),
-                       first_token_ids=first if send_first_token else ())
-    outs = _drain(decode)
-    got = [t for o in outs for t in o.new_token_ids]
-    assert (first + got if send_first_token else got) == expected
-    assert decode.block_manager.num_used_blocks == 0
-
-
-def test_import_rejects_kv_of_the_wrong_shape(smol):
-    import torch
-
-    decode = make_engine(model="tiny", kv_cache_memory="4MiB")
-    bad = ImportedKV(torch.zeros(2, 2, 1, 2, 16, 8), 5)
-    from disagg.errors import InvalidRequestError
-
-    with pytest.raises(InvalidRequestError, match="shape"):
-        decode.add_request("x", [1, 2, 3, 4, 5], GREEDY, kv=bad)
-    assert not decode.has_unfinished()
 
 
 def _drain(engine):
@@ -173,100 +136,49 @@ def test_logprobs_of_chosen_tokens(smol):
         assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
 
 
-def test_import_refuses_kv_computed_from_other_tokens(smol):
-    from disagg.errors import InvalidRequestError
+def test_block_views_are_the_export_bytes_in_order():
+    from disagg.engine.kv_cache import PagedKVCache
+    from disagg.kv.transport import tensor_bytes
+    from disagg.model.presets import PRESETS
 
-    smol.add_request("other", prompts()[2], SamplingParams(max_tokens=1, temperature=0), hold_blocks=True)
-    _drain(smol)
-    kv = smol.export_kv("other")
-    assert smol.release("other")
-    same_length_prompt = list(range(200, 200 + kv.num_tokens))
-    with pytest.raises(InvalidRequestError, match="other tokens"):
-        smol.add_request("victim", same_length_prompt, GREEDY, kv=kv)
-    assert not smol.has_unfinished()
-
-
-def test_kv_received_in_place_into_reserved_blocks_continues_exactly(smol):
-    from disagg.kv.block_hash import tokens_digest
-
-    prompt = prompts()[4]
-    expected = smol.generate([prompt], GREEDY)[0].token_ids
-    smol.add_request("pre", prompt, SamplingParams(max_tokens=1, temperature=0), hold_blocks=True)
-    first = [t for o in _drain(smol) for t in o.new_token_ids]
-    views, _shape, dtype, n, digest = smol.kv_views("pre")
-    assert digest == tokens_digest(smol.tokenize(prompt))
-
-    decode = make_engine(model="smollm2-135m", kv_cache_memory="64MiB")
-    seq = decode.make_sequence("dec", prompt, GREEDY)
-    targets = decode.reserve_kv(seq, n, dtype)
-    assert [v.nbytes for v in targets]
-    assert sum(v.nbytes for v in targets) == sum(v.nbytes for v in views)
-    src = b"".join(bytes(v) for v in views)  # what a transport carries, in export order
-    off = 0
-    for t in targets:
-        t[:] = src[off : off + t.nbytes]
-        off += t.nbytes
-    assert smol.release("pre")
-    decode.add_request("dec", seq, kv=ImportedKV(None, n, digest), first_token_ids=first)
-    got = [t for o in _drain(decode) for t in o.new_token_ids]
-    assert first + got == expected
-    assert decode.block_manager.num_used_blocks == 0
-
-
-def test_reserved_blocks_are_freed_when_the_transfer_is_abandoned(smol):
-    decode = make_engine(model="smollm2-135m", kv_cache_memory="64MiB")
-    seq = decode.make_sequence("dec", prompts()[4], GREEDY)
-    assert decode.reserve_kv(seq, seq.num_prompt_tokens, "float32")
-    assert decode.block_manager.num_used_blocks > 0
-    assert decode.reserve_kv(decode.make_sequence("x", prompts()[4], GREEDY), 5, "bfloat16") is None  # dtype
-    decode.unreserve("dec")
-    assert decode.block_manager.num_used_blocks == 0
-
-
-def test_block_views_are_the_export_bytes_in_order(smol):
-    from disagg.kv.tcp import tensor_bytes
-
-    smol.add_request("v", prompts()[5], SamplingParams(max_tokens=1, temperature=0), hold_blocks=True)
-    _drain(smol)
-    views, shape, _, _, _ = smol.kv_views("v")
-    exported = smol.export_kv("v")
-    assert tuple(exported.data.shape) == shape
+    cache = PagedKVCache(PRESETS["tiny"].config, 12, 16, torch.float32, torch.device("cpu"))
+    for layer in cache.layers:
+        layer.copy_(torch.randn_like(layer))
+    blocks = [3, 4, 5, 9, 0, 1]  # runs and gaps
+    exported = cache.read_blocks(blocks)
+    assert tuple(exported.shape) == cache.export_shape(len(blocks))
     # a sender from views and a receiver into a tensor (or the reverse) must agree byte for byte
-    assert b"".join(bytes(v) for v in views) == bytes(tensor_bytes(exported.data))
-    assert smol.release("v")
+    assert b"".join(bytes(v) for v in cache.block_views(blocks)) == bytes(tensor_bytes(exported))
+    one = b"".join(bytes(v) for v in cache.block_views(blocks, range(1, 2)))
+    assert one == bytes(tensor_bytes(exported[1]))
 
 
-def test_layer_hook_sees_each_layer_once_as_the_last_chunk_passes_it_with_the_exported_bytes():
-    engine = make_engine(model="tiny", kv_cache_memory="16MiB", max_num_batched_tokens=32, max_num_seqs=4)
+def test_connector_saves_each_layer_once_as_the_last_chunk_passes_it_with_the_exported_bytes():
+    from disagg.engine.connector.base import KVConnector
+
     seen: list[tuple[int, bytes, int]] = []
 
-    def hook(i, views):
-        seen.append((i, b"".join(bytes(v) for v in views), engine.scheduler.running[0].num_computed_tokens))
+    class Recorder(KVConnector):
+        def wants_layers(self, seqs):
+            return bool(seqs)
 
+        def save_layer(self, layer, seqs):
+            (seq,) = seqs
+            table[:] = seq.block_table[:5]
+            views = engine.kv_cache.block_views(table, range(layer, layer + 1))
+            seen.append((layer, b"".join(bytes(v) for v in views), seq.num_computed_tokens))
+
+    engine = make_engine(model="tiny", kv_cache_memory="16MiB", max_num_batched_tokens=32, max_num_seqs=4)
+    engine.connector = Recorder()
+    engine.scheduler.connector = engine.connector
     prompt = list(range(1, 71))  # three chunks of a 32-token budget
-    engine.add_request("r", prompt, SamplingParams(max_tokens=1), hold_blocks=True, layer_hook=hook)
+    engine.add_request("r", prompt, SamplingParams(max_tokens=1))
+    table: list[int] = []
     while engine.has_unfinished():
         engine.step()
-    exported = engine.export_kv("r").data
     layers = engine.model_config.num_layers
     assert [i for i, _, _ in seen] == list(range(layers))
-    assert all(computed == 64 for _, _, computed in seen), "hooks ran before the last chunk"
-    # the views, taken as each layer finished, hold exactly what an export reads afterwards
+    assert all(computed == 64 for _, _, computed in seen), "saved before the prompt's last chunk"
+    # what each layer's views held as it was saved is what an export of those blocks reads afterwards
+    exported = engine.kv_cache.read_blocks(table)
     assert b"".join(b for _, b, _ in seen) == exported.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-
-
-def test_on_prefilled_hands_over_the_full_blocks_a_pool_lacks(tiny):
-    got = []
-    prompt = list(range(1, 75))  # 4 full blocks of 16 and a partial one
-    tiny.add_request("p", prompt, SamplingParams(max_tokens=2, temperature=0), on_prefilled=got.append,
-                     prefilled_from=1)
-    while tiny.has_unfinished():
-        tiny.step()
-    tiny.add_request("q", prompt, SamplingParams(max_tokens=1, temperature=0), hold_blocks=True)
-    while tiny.has_unfinished():
-        tiny.step()
-    whole = tiny.export_kv("q").data
-    assert tiny.release("q")
-    assert len(got) == 1
-    assert got[0].shape[BLOCK_DIM] == 3  # blocks 1-3: block 0 is pooled already, block 4 is not full
-    assert torch.equal(got[0], whole.narrow(BLOCK_DIM, 1, 3))

@@ -9,8 +9,11 @@ import asyncio
 import json
 import time
 
+from disagg.engine.async_engine import EngineRequest
 from disagg.engine.config import EngineConfig
 from disagg.engine.sampling import SamplingParams
+from disagg.kv.params import KVTransferParams
+from disagg.kv.tcp import TcpTransport
 from disagg.serve.options import ServeOptions
 from disagg.serve.protocol import CompletionRequest
 from disagg.serve.worker import Worker
@@ -49,8 +52,9 @@ def test_a_queued_decode_renews_the_lease_and_pulls_after_it_would_have_expired(
             # fill the decode cache with held blocks until the prompt's KV no longer fits
             total = await decode.engine.call(lambda e: e.kv_cache.num_blocks)
             blocker = [1000 + i for i in range((total - need + 1) * 16)]
-            async for _ in decode.engine.generate(blocker, SamplingParams(max_tokens=1), request_id="blocker",
-                                                  hold_blocks=True):
+            hold = EngineRequest("blocker", blocker, SamplingParams(max_tokens=1, ignore_eos=True),
+                                 KVTransferParams(do_remote_decode=True))
+            async for _ in decode.engine.generate(hold):
                 pass
             free = await decode.engine.call(lambda e: e.kv_cache.num_blocks - e.stats()["kv_blocks_used"])
             assert free < need
@@ -64,7 +68,7 @@ def test_a_queued_decode_renews_the_lease_and_pulls_after_it_would_have_expired(
                 assert time.monotonic() < deadline, "the decode request did not wait"
                 assert not waiting.done()
                 await asyncio.sleep(0.05)
-            await decode.engine.call(lambda e: e.release("blocker"))
+            assert await asyncio.to_thread(TcpTransport().release, decode.kv.port.address, "blocker")
             out = await asyncio.wait_for(waiting, 60)
             return reference, held, out, prefill.metrics, decode.metrics
         finally:

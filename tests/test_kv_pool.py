@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from disagg.kv.block_hash import chain_hashes
-from disagg.kv.pool import DiskTier, KVPool, MemoryTier, RedisTier
+from disagg.kv.pool import DiskTier, KVPool, MemoryTier
+from disagg.kv.redis_tier import RedisTier
 
 MODEL = "m/float32"
 
@@ -173,23 +174,46 @@ def test_a_disk_tier_that_cannot_write_counts_errors_and_fails_nothing(tmp_path)
     assert not list(tmp_path.glob("**/*.tmp*"))
 
 
-def test_a_worker_keeps_at_most_a_few_prompts_waiting_for_the_pool_writer():
+def test_a_disk_tier_starts_when_a_shared_directory_loses_files_meanwhile(tmp_path):
+    keys, data = blocks(2)
+    KVPool([DiskTier(tmp_path, 1 << 20)]).store(keys, data)
+    # another worker sharing the directory evicts a file between this one's listing and its stat:
+    # a dangling link is exactly that state, frozen
+    (tmp_path / "ff").mkdir(exist_ok=True)
+    (tmp_path / "ff" / f"{'ff' * 16}.kv").symlink_to(tmp_path / "gone.kv")
+    disk = DiskTier(tmp_path, 1 << 20)
+    assert KVPool([disk]).lookup(keys).blocks == data
+
+
+def test_a_lookup_does_not_wait_behind_a_slow_write():
     import threading
 
-    import torch
+    keys, data = blocks(2)
+    gate, writing = threading.Event(), threading.Event()
 
-    from disagg.engine.config import EngineConfig
-    from disagg.serve.options import ServeOptions
-    from disagg.serve.worker import POOL_WRITES_PENDING, Worker
+    class SlowTier(MemoryTier):  # a remote tier whose writes hang (a slow Redis, a full disk)
+        name = "slow"
 
-    worker = Worker(EngineConfig(model="tiny", device="cpu"), ServeOptions(kv_pool_memory="1MiB"))
-    gate = threading.Event()
-    worker._pool_writer.submit(gate.wait)  # the writer is busy
-    keys, _ = blocks(1)
-    for _ in range(POOL_WRITES_PENDING + 3):
-        worker._queue_pool_write(keys, torch.zeros(2, 1, 1, 1, 4))
-    assert worker.metrics.pool_writes_dropped._value.get() == 3
+        def put_many(self, keys, blocks):
+            writing.set()
+            gate.wait(30)
+
+    memory = MemoryTier(1 << 20)
+    pool = KVPool([memory, SlowTier(1 << 20)])
     gate.set()
-    worker._pool_writer.shutdown(wait=True)
-    assert worker._pool_pending == 0
-    assert worker.pool.leading(keys) == 1  # what was queued got written
+    pool.store(keys[:1], data[:1])  # in memory (and through the slow tier, fast for now)
+    gate.clear()
+    writing.clear()
+    writer = threading.Thread(target=pool.store, args=(keys[1:], data[1:]))
+    writer.start()
+    assert writing.wait(10)
+    found = []
+    reader = threading.Thread(target=lambda: found.append(pool.lookup(keys[:1]).blocks))
+    reader.start()
+    reader.join(10)
+    alive = reader.is_alive()
+    gate.set()
+    writer.join(10)
+    reader.join(10)
+    assert not alive, "a lookup waited for another request's write to a slow tier"
+    assert found == [data[:1]]

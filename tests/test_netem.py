@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from disagg.bench.options import TransferBenchOptions
+from disagg.bench.transfer import parse_size, run
 from disagg.errors import ConfigError
 from disagg.kv.netem import Link, parse_duration, parse_rate
-from disagg.kv.options import TransferBenchOptions
-from disagg.kv.transfer_bench import parse_size, run
 
 
 def test_parsing():

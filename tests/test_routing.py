@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import signal
 
-from disagg.serve.routing import LeastLoad, RoundRobin, SessionAffinity, estimated_tokens
+from disagg.serve.protocol import ChatCompletionRequest, CompletionRequest
+from disagg.serve.routing import Charges, LeastLoad, RoundRobin, SessionAffinity, estimated_tokens, requested_output
 
 W = ["http://a", "http://b", "http://c"]
 
@@ -25,6 +26,32 @@ def test_least_load_counts_outstanding_tokens_and_forgets_finished_ones():
     ll.on_complete(first, big)
     assert ll.load[first] == 0
     assert sum(ll.load.values()) == 2 * estimated_tokens(small)
+
+
+def test_charges_settle_each_placement_once_and_the_sweep_settles_the_rest():
+    ll = LeastLoad()
+    charges = Charges(ll)
+    body = {"prompt": "hi", "max_tokens": 4}
+    first, second = charges.select("decode", W, body), charges.select("decode", W, body)
+    first.settle()
+    first.settle()
+    assert sum(ll.outstanding().values()) == estimated_tokens(body)  # the second is still out
+    charges.sweep()
+    second.settle()
+    charges.sweep()
+    assert ll.outstanding() == {first.worker: 0, second.worker: 0}
+    charges.select("decode", W, body)  # placed after its client request ended: settled at once
+    assert not any(ll.outstanding().values())
+
+
+def test_the_worker_and_the_router_read_one_token_limit():
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "max_completion_tokens": 2}
+    assert requested_output(chat) == 2
+    assert ChatCompletionRequest(**chat).sampling_params().max_tokens == 2
+    assert ChatCompletionRequest(**(chat | {"max_completion_tokens": None})).sampling_params().max_tokens == 20
+    completion = {"prompt": "hi", "max_tokens": 20, "max_completion_tokens": 2}  # not a completions field
+    assert requested_output(completion) == 20
+    assert CompletionRequest(**completion).sampling_params().max_tokens == 20
 
 
 def test_session_affinity_keeps_a_session_and_moves_it_when_its_worker_is_gone():

@@ -82,12 +82,11 @@ def test_finish_frees_blocks_unless_held_and_release_frees_them():
     bm = BlockManager(16, 4, "m", enable_caching=False)
     s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
     a, b = seq("a", 8), seq("bb", 8)
-    b.hold_blocks = True
     s.add(a)
     s.add(b)
     run_step(s)
     s.finish(a, "stop")
-    s.finish(b, "length")
+    s.finish(b, "length", hold=True)
     assert bm.num_used_blocks == 2
     assert "bb" in s.held
     assert s.release("bb")
@@ -95,13 +94,32 @@ def test_finish_frees_blocks_unless_held_and_release_frees_them():
     assert not s.release("bb")
 
 
-def test_abort_of_a_held_request_is_freed_at_once():
+def test_a_request_waits_for_loaded_kv_apart_and_an_abort_frees_its_blocks_only_once_the_load_ends():
+    from disagg.engine.connector.base import KVConnector
+
+    class Loads(KVConnector):  # 8 tokens of the first request come from elsewhere
+        def num_loadable_tokens(self, seq, computed):
+            return 8 - computed if seq.request_id == "a" else 0
+
     bm = BlockManager(16, 4, "m", enable_caching=False)
-    s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
-    a = seq("a", 8)
-    a.hold_blocks = True
+    s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, connector=Loads())
+    a, b = seq("a", 10), seq("b", 8)
     s.add(a)
-    run_step(s)
+    s.add(b)
+    out = s.schedule()
+    assert [q.request_id for q, _ in out.scheduled] == ["b"]  # a waits for its KV without holding b up
+    assert a.status is Status.WAITING_FOR_KV
+    assert len(a.block_table) == 2
+    s.finish(b, "stop")
     s.finish(a, "abort")
-    assert bm.num_used_blocks == 0
-    assert not s.held
+    assert len(a.block_table) == 2  # a transfer may still be writing into them
+    s.loaded(a, 8)
+    assert not a.block_table
+    assert not s.receiving
+    c = seq("c", 10)
+    c.request_id = "a"  # loads again: this time it arrives
+    s.add(c)
+    s.schedule()
+    s.loaded(c, 8)
+    out = s.schedule()
+    assert out.scheduled == [(c, 2)]  # the loaded tokens count as computed

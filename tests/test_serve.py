@@ -191,7 +191,7 @@ def test_client_disconnect_aborts_on_every_worker(cluster):
 @pytest.mark.parametrize("transport", ["tcp", "shm", pytest.param("nixl", marks=pytest.mark.skipif(
     not nixl.available(), reason="NIXL is not installed (pip install --no-deps nixl-cu12)"))])
 def test_disaggregated_kv_bytes_match_the_size_formula(transport, reference):
-    with start("disaggregated", kv_transport=transport) as c:
+    with start("disaggregated", kv_transport=transport, **NO_KV_POOL) as c:  # every block over the transport
         decode = next(u for n, u in c.worker_urls().items() if n.startswith("decode"))
         prefill = next(u for n, u in c.worker_urls().items() if n.startswith("prefill"))
         per_token = kv_bytes_per_token(PRESETS[MODEL].config, "fp32")
@@ -313,7 +313,7 @@ def test_decode_recomputes_when_the_kv_belongs_to_another_prompt(reference):
 
 
 def test_decode_with_a_wire_codec_gets_the_same_tokens_from_fewer_bytes(reference):
-    with start("disaggregated", kv_codec="fp16") as c:
+    with start("disaggregated", kv_codec="fp16", **NO_KV_POOL) as c:
         decode = next(u for n, u in c.worker_urls().items() if n.startswith("decode"))
         prefill = next(u for n, u in c.worker_urls().items() if n.startswith("prefill"))
         kw = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0, "extra_body": {"ignore_eos": True}}

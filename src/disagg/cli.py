@@ -22,8 +22,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from disagg.kv.layout import format_bytes, kv_bytes_per_token
+    from disagg.kv.layout import kv_bytes_per_token
     from disagg.model.presets import PRESETS
+    from disagg.units import format_bytes
 
     table = Table(title="disagg models (presets)")
     for col in ("name", "weights", "params", "layers", "hidden", "heads q/kv/dim", "context", "KV/token fp16",
@@ -77,8 +78,9 @@ def _cmd_kv_size(args: argparse.Namespace) -> int:
     from disagg.cli_args import config_from_args
     from disagg.errors import ConfigError
     from disagg.kv.codecs import CODECS, bytes_per_token
-    from disagg.kv.layout import dtype_bytes, format_bytes
+    from disagg.kv.layout import dtype_bytes
     from disagg.model.presets import config_named
+    from disagg.units import format_bytes
 
     opts = config_from_args(KVSizeOptions, args)
     cfg = config_named(opts.model)
@@ -175,9 +177,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_transfer_bench(args: argparse.Namespace) -> int:
+    from disagg.bench.options import TransferBenchOptions
+    from disagg.bench.transfer import main
     from disagg.cli_args import config_from_args
-    from disagg.kv.options import TransferBenchOptions
-    from disagg.kv.transfer_bench import main
 
     return main(config_from_args(TransferBenchOptions, args))
 
@@ -227,8 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"disagg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from disagg.bench.options import BenchOptions, CompareOptions, LoadOptions
-    from disagg.kv.options import TransferBenchOptions
+    from disagg.bench.options import BenchOptions, CompareOptions, LoadOptions, TransferBenchOptions
     from disagg.serve.options import ProxyOptions, ServeOptions, UpOptions
     from disagg.sim.options import CalibrateOptions, PlanOptions
 

@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 
 from disagg.bench.client import BenchClient
-from disagg.bench.metrics import DEFINITIONS, summarize
 from disagg.bench.options import BenchOptions, LoadOptions
 from disagg.bench.runner import Load, run_load
 from disagg.bench.workloads import WorkloadSpec, generate
 from disagg.errors import ConfigError
+from disagg.metrics import DEFINITIONS, summarize
 
 DEFAULT_VOCAB = (1000, 20000)  # inside every modern tokenizer's vocabulary, clear of special tokens
 

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from disagg.bench.options import parse_ints
 from disagg.engine.config import EngineConfig
+from disagg.parsing import parse_ints
 from disagg.sim.model import ModelSpec
 from disagg.sim.options import CalibrateOptions
 from disagg.sim.planner import DEFAULT_PROFILE
@@ -171,9 +171,9 @@ def main(opts: CalibrateOptions, engine_config: EngineConfig) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from disagg.bench.options import TransferBenchOptions
+    from disagg.bench.transfer import run as transfer_run
     from disagg.engine.llm_engine import LLMEngine
-    from disagg.kv.options import TransferBenchOptions
-    from disagg.kv.transfer_bench import run as transfer_run
     from disagg.sim.cost import Efficiency, WorkerCost
     from disagg.sim.hardware import load_catalog
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from disagg.bench.metrics import RequestRecord
+from disagg.metrics import RequestRecord
 
 
 class BenchClient:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from disagg.bench.bench import progress_bar, requests_per_point, results_table, server_info, sweep
-from disagg.bench.metrics import DEFINITIONS, crossover
 from disagg.bench.options import CompareOptions, LoadOptions
 from disagg.engine.config import EngineConfig
 from disagg.errors import ConfigError
+from disagg.metrics import DEFINITIONS, crossover
 
 CSV_FIELDS = ("arch", "repeat", "concurrency", "request_rate", "completed", "failed", "duration",
               "total_input_tokens", "total_output_tokens", "request_throughput", "request_goodput",

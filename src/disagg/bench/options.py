@@ -1,4 +1,5 @@
-"""Typed options of `disagg bench` and `disagg compare` (light: the CLI builds its flags from them)."""
+"""Typed options of `disagg bench`, `disagg compare` and `disagg transfer-bench` (light: the CLI builds
+its flags from them)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,9 @@ from dataclasses import dataclass, field
 
 from disagg.cli_args import described as _help
 from disagg.errors import ConfigError
+from disagg.parsing import parse_ints, parse_len
 
 ARCH_CHOICES = ("single", "replicated", "disaggregated", "single-all")
-
-
-def parse_ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        values = ()
-    if not values or any(v < 1 for v in values):
-        raise ConfigError(f"--{what} takes positive integers separated by commas, e.g. 1,2,4,8; got {text!r}")
-    return values
 
 
 @dataclass(frozen=True)
@@ -44,7 +36,7 @@ class LoadOptions:
     workload_seed: int = field(default=0, metadata=_help("seed of the generated workload and arrivals"))
 
     def __post_init__(self) -> None:
-        from disagg.bench.workloads import WORKLOADS, parse_len
+        from disagg.bench.workloads import WORKLOADS
 
         if self.workload not in WORKLOADS:
             raise ConfigError(f"workload must be one of {', '.join(WORKLOADS)}, got {self.workload!r}")
@@ -116,3 +108,14 @@ class CompareOptions:
         if not archs:
             raise ConfigError("--archs names no architecture")
         return archs
+
+
+@dataclass(frozen=True)
+class TransferBenchOptions:
+    """what to measure (each flag also reads DISAGG_<FLAG> from the environment)"""
+
+    transport: str = field(default="tcp", metadata=_help("tcp, shm or nixl"))
+    sizes: str = field(default="1M,8M,64M,512M", metadata=_help("payload sizes, comma-separated (K, M, G: binary)"))
+    repeats: int = field(default=10, metadata=_help("pulls per size"))
+    kv_bandwidth: str | None = field(default=None, metadata=_help("emulated link rate, e.g. 10gbit"))
+    kv_latency: str | None = field(default=None, metadata=_help("emulated one-way delay, e.g. 20us"))

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from disagg.bench.client import BenchClient
-from disagg.bench.metrics import RequestRecord
 from disagg.bench.workloads import Session
+from disagg.metrics import RequestRecord
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass
 
 from disagg.errors import ConfigError
+from disagg.parsing import parse_len
 
 WORKLOADS = ("random", "sharegpt", "shared-prefix", "multi-turn", "prefill-heavy", "decode-heavy")
 HEAVY_DEFAULTS = {"prefill-heavy": ("1024", "16"), "decode-heavy": ("64", "256")}
@@ -45,18 +46,6 @@ class WorkloadSpec:
     turns: int = 3  # multi-turn
     vocab: tuple[int, int] = (1000, 20000)  # token ids drawn from [lo, hi)
     seed: int = 0
-
-
-def parse_len(text: str, what: str) -> tuple[int, int]:
-    try:
-        parts = [int(p) for p in str(text).split(":")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or not 0 < parts[0] <= parts[1]:
-        raise ConfigError(f"--{what} must be a positive length or a range lo:hi, got {text!r}")
-    return parts[0], parts[1]
 
 
 def generate(spec: WorkloadSpec) -> list[Session]:

@@ -2,8 +2,13 @@
 
 One thread owns the LLMEngine and loops: take commands (add, abort, calls), step, hand each
 request's outputs to that request's asyncio queue. Model compute releases the GIL, so an event
-loop serving HTTP stays responsive. A caller that stops iterating (a client disconnect) aborts
-its request. If a step fails, every open request gets the error and the engine is marked dead.
+loop serving HTTP stays responsive. A request is validated and tokenized on the caller's side and
+costs the engine thread one command: it is queued at the next step boundary. A caller that stops
+iterating (a client disconnect) aborts its request. If a step fails, every open request gets the
+error and the engine is marked dead.
+
+This is the engine's whole public face for a server: requests in (`EngineRequest`), outputs out,
+and what a server reports about it (tokenizer, limits, stats, prefix-cache events, KV port).
 """
 
 from __future__ import annotations
@@ -13,14 +18,15 @@ import concurrent.futures
 import contextlib
 import queue
 import threading
-import uuid
 from collections.abc import AsyncIterator, Callable
-from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from disagg.engine.llm_engine import LLMEngine, RequestOutput
 from disagg.engine.sampling import SamplingParams
-from disagg.engine.sequence import Sequence
+from disagg.errors import DisaggError
+from disagg.kv.params import KVTransferParams
+from disagg.model.tokenizer import Tokenizer
 
 T = TypeVar("T")
 
@@ -29,11 +35,29 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped after an internal error; the worker needs a restart."""
 
 
+class KVLoadError(DisaggError):
+    """The KV a request was to receive from elsewhere never arrived (a push that did not come)."""
+
+    http_status = 503
+    error_type = "kv_transfer_failed"
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One request as the engine takes it: the prompt (text, or token ids), how to sample, and where
+    its KV comes from or goes to."""
+
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    kv: KVTransferParams | None = None
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._wake = threading.Event()
+        self._wake = engine.wakeup  # also set by the KV connector when a load or release finishes
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._stopping = False
         self.error: BaseException | None = None
@@ -48,20 +72,20 @@ class AsyncEngine:
         self._commands.put(command)
         self._wake.set()
 
-    async def generate(self, prompt: str | Seq[int] | Sequence, params: SamplingParams, request_id: str | None = None,
-                       **add_kwargs: Any) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs. Bad input raises here, before anything is queued."""
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. Bad input raises here, before anything is queued; so does a
+        request whose KV never came (KVLoadError), before its first token."""
         if self.error is not None:
             raise EngineDeadError(f"engine stopped: {self.error}")
-        if isinstance(prompt, Sequence):
-            seq, request_id = prompt, prompt.request_id
-        else:
-            request_id = request_id or uuid.uuid4().hex
-            seq = self.engine.make_sequence(request_id, prompt, params)
+        seq = self.engine.make_sequence(request.request_id, request.prompt, request.params, request.kv)
+        if self.engine.connector.prepares:  # e.g. a pool's existence check: I/O, off the engine thread
+            await asyncio.to_thread(self.engine.connector.prepare, seq)
+            seq.prepared = True
         q: asyncio.Queue[Any] = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        rid, prompt_ids = request.request_id, seq.prompt_token_ids
+        self._streams[rid] = (asyncio.get_running_loop(), q)
         finished = False
-        self._submit("add", request_id, seq, add_kwargs)
+        self._submit("add", rid, seq)
         try:
             while not finished:
                 item = await q.get()
@@ -69,24 +93,52 @@ class AsyncEngine:
                     finished = True
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise KVLoadError(item.error)
+                if prompt_ids is not None:
+                    item.prompt_token_ids, prompt_ids = prompt_ids, None
                 yield item
         finally:
-            self._streams.pop(request_id, None)
+            self._streams.pop(rid, None)
             if not finished:
-                self._submit("abort", request_id)
+                self._submit("abort", rid)
 
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run `fn(engine)` on the engine thread, between steps (export_kv, release, stats...)."""
+        """Run `fn(engine)` on the engine thread, between steps."""
         if not self.alive:
             raise EngineDeadError(f"engine stopped: {self.error}")
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._submit("call", fn, fut)
         return await asyncio.wrap_future(fut)
 
+    # ---- what a server reports ----
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def info(self) -> dict[str, Any]:
+        """The model and how its KV is laid out: what clients and routers need to know."""
+        e = self.engine
+        return {"model_id": e.model_id, "block_size": e.config.block_size, "max_model_len": e.max_model_len,
+                "vocab_size": e.model_config.vocab_size, "kv_dtype": e.dtype_name, "engine_id": e.engine_id}
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()
+
+    def kv_events(self, since: int) -> list[tuple[int, bool, bytes]] | None:
+        """Prefix-cache changes after event `since`, or None when some are no longer kept."""
+        return self.engine.block_manager.events.since(since)
+
+    async def kv_snapshot(self) -> tuple[int, list[bytes]]:
+        """(event number, every block hash in the prefix cache), taken between steps."""
+        return await self.call(lambda e: (e.block_manager.events.number, e.block_manager.cached_hashes()))
+
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+        self.engine.connector.close()
 
     # ---- engine thread ----
 
@@ -101,11 +153,11 @@ class AsyncEngine:
     def _run_command(self, command: tuple[Any, ...]) -> None:
         kind = command[0]
         if kind == "add":
-            _, request_id, seq, kwargs = command
+            _, request_id, seq = command
             if request_id not in self._streams:  # the caller gave up before we started
                 return
             try:
-                self.engine.add_request(request_id, seq, **kwargs)
+                self.engine.add(seq)
             except Exception as e:
                 self._deliver(request_id, e)
         elif kind == "abort":

@@ -22,7 +22,7 @@ BLOCK_DIM = 3  # the block axis of an export
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device, shared: bool = False) -> None:
-        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        self.num_blocks, self.block_size, self.dtype, self.device = num_blocks, block_size, dtype, device
         shape = (2, config.num_kv_heads, num_blocks, block_size, config.head_dim)
         self.arena: SharedMemory | None = None
         if shared and device.type == "cpu":  # in shared memory, for same-host transfers in one copy
@@ -38,6 +38,11 @@ class PagedKVCache:
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         return kv_bytes_per_token(config, str(dtype)) * block_size
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block's K and V over every layer (an export of one block)."""
+        return math.prod(self.export_shape(1)) * self.dtype.itemsize
 
     def export_shape(self, num_blocks: int) -> tuple[int, ...]:
         _, heads, _, bs, dim = self.layers[0].shape

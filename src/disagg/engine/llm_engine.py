@@ -1,15 +1,19 @@
-"""The synchronous engine core: add_request, step, abort, has_unfinished.
+"""The synchronous engine core: add, step, abort, has_unfinished.
 
-    step():  schedule -> write imported KV -> run the model -> update requests -> detokenize
+    step():  collect finished KV loads and releases -> schedule -> start loads -> run the model
+             -> update requests -> detokenize
 
-Requests may arrive with KV computed elsewhere (the decode role imports a prefill worker's
-blocks) and may keep their blocks after finishing until released (the prefill role holds them
-for a decode worker to pull). Not thread-safe: one thread drives it (see async_engine.py).
+KV that comes from or goes to elsewhere (a prefill worker, a decode worker, the KV pool) passes
+through the engine's KV connector (engine/connector), never around it. Not thread-safe: one thread
+drives it (see async_engine.py); `make_sequence` alone may run on any thread.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -18,26 +22,21 @@ import torch
 
 from disagg.engine.block_manager import BlockManager
 from disagg.engine.config import EngineConfig, parse_bytes
+from disagg.engine.connector.base import KVConnector
 from disagg.engine.detokenizer import IncrementalDetokenizer
-from disagg.engine.kv_cache import BLOCK_DIM, PagedKVCache
+from disagg.engine.kv_cache import PagedKVCache
 from disagg.engine.runner import ModelRunner
 from disagg.engine.sampler import TokenLogprob
 from disagg.engine.sampling import SamplingParams
 from disagg.engine.scheduler import Scheduler
-from disagg.engine.sequence import Sequence
+from disagg.engine.sequence import Sequence, Status
 from disagg.errors import ConfigError, ContextLengthError, InvalidRequestError
-from disagg.kv.block_hash import tokens_digest
+from disagg.kv.block_hash import chain_hashes
 from disagg.kv.layout import format_bytes
+from disagg.kv.params import KVTransferParams
 from disagg.model.loader import load_model, resolve
 
-
-@dataclass(frozen=True)
-class ImportedKV:
-    """KV of a prompt's first `num_tokens` tokens, as exported by another engine."""
-
-    data: torch.Tensor | None  # [layers, 2, kv_heads, blocks, block_size, head_dim]; None: already in place
-    num_tokens: int
-    digest: str = ""  # tokens_digest of the tokens the KV was computed from ("" = unchecked)
+IDLE_WAIT = 0.05  # a step that found nothing to do waits this long for something to happen
 
 
 @dataclass
@@ -54,6 +53,9 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    kv_transfer_params: dict | None = None  # on the last output: what the KV connector says (prefill)
+    error: str | None = None  # the request failed (its KV never came): finish_reason is abort
+    prompt_token_ids: list[int] | None = None  # on the first output a stream yields (async_engine.py)
 
 
 @dataclass
@@ -67,12 +69,18 @@ class Completion:
     finish_reason: str | None
     logprobs: list[TokenLogprob]
     num_cached_tokens: int
+    kv_transfer_params: dict | None = None
+
+
+ConnectorFactory = Callable[["LLMEngine"], KVConnector]
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, shared_kv_cache: bool = False) -> None:
-        """`shared_kv_cache`: put a CPU KV cache in shared memory (kv/shm.py), so that a decode
-        worker on the same host copies blocks straight out of it."""
+    def __init__(self, config: EngineConfig, connector: ConnectorFactory | None = None,
+                 shared_kv_cache: bool = False) -> None:
+        """`connector(engine)`: builds the engine's KV connector (none: KV never leaves the engine).
+        `shared_kv_cache`: put a CPU KV cache in shared memory (kv/shm.py), so that a decode worker
+        on the same host copies blocks straight out of it."""
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -82,6 +90,7 @@ class LLMEngine:
         self.model_config = source.config
         self.tokenizer = source.tokenizer
         self.model_name = config.model
+        self.engine_id = uuid.uuid4().hex[:12]
 
         bs = config.block_size
         block_bytes = PagedKVCache.bytes_per_block(self.model_config, bs, self.dtype)
@@ -101,32 +110,42 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(self.model_config, num_blocks, bs, self.dtype, self.device, shared_kv_cache)
         self.model_id = f"{self.model_config.name}/{self.dtype}".replace("torch.", "")
         self.block_manager = BlockManager(num_blocks, bs, self.model_id, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.wakeup = threading.Event()  # set when there may be work: a request, a finished load
+        self.connector = connector(self) if connector is not None else KVConnector()
+        self.connector.notify = self.wakeup.set
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.connector)
         self.runner = ModelRunner(model, self.kv_cache, self.device, config.seed)
         self._requests: dict[str, tuple[Sequence, IncrementalDetokenizer]] = {}
-        self._imports: dict[str, torch.Tensor] = {}
-        self._reserved: dict[str, Sequence] = {}  # blocks allocated for KV arriving in place
-        self._ready: list[RequestOutput] = []  # outputs produced outside step(), returned by the next one
+
+    @property
+    def dtype_name(self) -> str:
+        """The KV cache's dtype as the wire names it: float32, float16, bfloat16."""
+        return str(self.dtype).removeprefix("torch.")
 
     # ---- requests ----
 
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt must not be empty")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt) if prompt else []
         else:
             ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
-                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+            self._check_ids(ids, "prompt token ids")
         if not ids:
             raise InvalidRequestError("prompt must not be empty")
         return ids
 
-    def make_sequence(self, request_id: str, prompt: str | Seq[int], params: SamplingParams) -> Sequence:
-        """Tokenize and validate a request without touching engine state (safe from any thread)."""
+    def _check_ids(self, ids: Seq[int], what: str) -> None:
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"{what} must be integers in [0, {vocab})")
+
+    def make_sequence(self, request_id: str, prompt: str | Seq[int], params: SamplingParams,
+                      kv: KVTransferParams | None = None) -> Sequence:
+        """Tokenize and validate a request, all of it, before it touches engine state (any thread)."""
         ids = self.tokenize(prompt)
+        if kv is not None and kv.do_remote_decode:  # prefill for a decode worker: the prompt and token 1
+            params = dataclasses.replace(params, max_tokens=1)
         limit = self.max_model_len
         if len(ids) >= limit:
             raise ContextLengthError(f"this model's maximum context length is {limit} tokens, and the prompt has "
@@ -139,155 +158,117 @@ class LLMEngine:
         if any(t >= self.model_config.vocab_size for t in params.stop_token_ids):
             raise InvalidRequestError(
                 f"stop_token_ids must be below the vocabulary size {self.model_config.vocab_size}")
-        return Sequence(request_id, ids, len(ids), params, max_tokens)
+        first = list(kv.first_token_ids or ()) if kv is not None and kv.do_remote_prefill else []
+        self._check_first_tokens(first, max_tokens)
+        seq = Sequence(request_id, ids + first, len(ids), params, max_tokens, kv=kv)
+        seq.block_hashes = chain_hashes(ids, self.config.block_size, self.model_id)
+        return seq
 
-    def add_request(self, request_id: str, prompt: str | Seq[int] | Sequence,
-                    params: SamplingParams | None = None, *, kv: ImportedKV | None = None,
-                    first_token_ids: Seq[int] = (), hold_blocks: bool = False,
-                    layer_hook: Callable[[int, list[memoryview]], None] | None = None,
-                    on_prefilled: Callable[[torch.Tensor], None] | None = None, prefilled_from: int = 0) -> None:
-        """Queue a request. `kv`: the prompt's KV computed elsewhere; `first_token_ids`: tokens
-        already sampled elsewhere (streamed by someone else, so not emitted again); `layer_hook(i,
-        views)`: called on the engine thread as the prompt's last chunk passes layer i, with the
-        byte views of that layer's prompt blocks (CPU caches; for streaming KV layer by layer);
-        `on_prefilled(kv)`: called on the engine thread once the prompt is computed, with a copy of
-        its full blocks' KV from block `prefilled_from` on, shaped like an export (for a KV pool to
-        keep what it lacks)."""
-        if request_id in self._requests or request_id in self.scheduler.held:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        seq = prompt if isinstance(prompt, Sequence) else self.make_sequence(request_id, prompt,
-                                                                             params or SamplingParams())
-        seq.hold_blocks = hold_blocks
-        if on_prefilled is not None:
-            full = seq.num_prompt_tokens // self.config.block_size
-            if full > prefilled_from:
-                seq.on_prefilled = lambda s: on_prefilled(self.kv_cache.read_blocks(s.block_table[prefilled_from:full]))
-        if layer_hook is not None:
-            if self.device.type != "cpu":
-                raise InvalidRequestError("layer-wise KV streaming needs a CPU KV cache")
-            n_blocks = -(-seq.num_prompt_tokens // self.config.block_size)
-            seq.layer_hook = lambda i: layer_hook(i, self.kv_cache.block_views(seq.block_table[:n_blocks],
-                                                                               range(i, i + 1)))
+    def _check_first_tokens(self, first: Seq[int], max_tokens: int) -> None:
+        self._check_ids(first, "first_token_ids")
+        if first and len(first) >= max_tokens:
+            raise InvalidRequestError("first_token_ids already reach max_tokens: nothing left to generate")
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a request made by `make_sequence`."""
+        if seq.request_id in self._requests or seq.request_id in self.scheduler.held:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        if not seq.prepared:
+            self.connector.prepare(seq)
+            seq.prepared = True
         detok = IncrementalDetokenizer(self.tokenizer, seq.params)
-        if first_token_ids:
-            vocab = self.model_config.vocab_size
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in first_token_ids):
-                raise InvalidRequestError(f"first_token_ids must be integers in [0, {vocab})")
-            if len(first_token_ids) >= seq.max_tokens:
-                raise InvalidRequestError("first_token_ids already reach max_tokens: nothing left to generate")
-            seq.token_ids.extend(first_token_ids)
-            detok.add(list(first_token_ids))
+        if seq.num_output_tokens:  # tokens sampled elsewhere, streamed by someone else already
+            detok.add(seq.output_token_ids)
             detok.skip_emitted()
-        if kv is not None and kv.data is None:  # written in place into blocks from reserve_kv()
-            if self._reserved.pop(request_id, None) is not seq:
-                raise InvalidRequestError(f"request {request_id!r} has no reserved KV blocks")
-            seq.num_imported_tokens = min(kv.num_tokens, seq.num_tokens - 1)
-        elif kv is not None:
-            self._check_import(seq, kv)
-            seq.num_imported_tokens = min(kv.num_tokens, seq.num_tokens - 1)
-            self._imports[request_id] = kv.data
-        self._requests[request_id] = (seq, detok)
+        self._requests[seq.request_id] = (seq, detok)
         self.scheduler.add(seq)
+        self.connector.request_added(seq)
 
-    def _check_import(self, seq: Sequence, kv: ImportedKV) -> None:
-        expected = self.kv_cache.export_shape(-(-kv.num_tokens // self.config.block_size))
-        if not 0 < kv.num_tokens <= seq.num_prompt_tokens:
-            raise InvalidRequestError(
-                f"imported KV covers {kv.num_tokens} tokens; the prompt has {seq.num_prompt_tokens}")
-        if tuple(kv.data.shape) != expected:
-            raise InvalidRequestError(f"imported KV has shape {tuple(kv.data.shape)}, expected {expected}")
-        if kv.digest and kv.digest != tokens_digest(seq.token_ids[: kv.num_tokens]):
-            raise InvalidRequestError("imported KV was computed from other tokens than this prompt's")
-
-    def can_receive_in_place(self, seq: Sequence, num_tokens: int, dtype: str) -> bool:
-        """Whether `reserve_kv` can ever succeed for this KV: a CPU cache of the same dtype, and
-        a cache big enough for it (blocks may still be short now)."""
-        return (self.device.type == "cpu" and dtype == self.dtype_name and 0 < num_tokens <= seq.num_prompt_tokens
-                and not seq.block_table and -(-num_tokens // self.config.block_size) <= self.kv_cache.num_blocks)
-
-    def reserve_kv(self, seq: Sequence, num_tokens: int, dtype: str) -> list[memoryview] | None:
-        """Allocate `seq`'s blocks for `num_tokens` tokens of incoming KV and return their memory in
-        export order, for a transport to receive into; then `add_request(seq, kv=ImportedKV(None,
-        num_tokens, digest))`, or `unreserve` if the transfer fails. None when the cache is not on
-        the CPU, the dtype differs, or blocks are short (the caller then imports a copy)."""
-        if (self.device.type != "cpu" or dtype != self.dtype_name
-                or not 0 < num_tokens <= seq.num_prompt_tokens or seq.block_table
-                or not self.block_manager.can_allocate(seq, num_tokens)):
-            return None
-        self.block_manager.allocate(seq, num_tokens)
-        self._reserved[seq.request_id] = seq
-        return self.kv_cache.block_views(seq.block_table)
-
-    def unreserve(self, request_id: str) -> None:
-        seq = self._reserved.pop(request_id, None)
-        if seq is not None:
-            self.block_manager.free(seq)
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    kv: KVTransferParams | None = None) -> None:
+        self.add(self.make_sequence(request_id, prompt, params or SamplingParams(), kv))
 
     def abort(self, request_id: str) -> bool:
-        """End a request now and free its blocks (held ones too). False if it is unknown."""
-        self.unreserve(request_id)
+        """End a request now and free its blocks (held ones too; blocks a load is still writing once
+        it reports back). False if it is unknown."""
         entry = self._requests.pop(request_id, None)
-        self._imports.pop(request_id, None)
         if entry is None:
             return self.release(request_id)
         seq, _ = entry
-        self.scheduler.finish(seq, "abort")
-        self.runner.release(request_id)
+        self._end(seq, "abort")
         return True
 
     def release(self, request_id: str) -> bool:
-        """Free the blocks a finished `hold_blocks` request kept for export."""
+        """Free the blocks a finished request was holding for a KV export."""
         return self.scheduler.release(request_id)
 
-    @property
-    def dtype_name(self) -> str:
-        """The KV cache's dtype as the wire names it: float32, float16, bfloat16."""
-        return str(self.dtype).removeprefix("torch.")
-
-    @staticmethod
-    def _computed(seq: Sequence, block_size: int) -> tuple[list[int], int, str]:
-        """The blocks holding `seq`'s computed KV, how many tokens that is, and their digest."""
-        n = seq.num_computed_tokens
-        return seq.block_table[: -(-n // block_size)], n, tokens_digest(seq.token_ids[:n])
-
-    def export_kv(self, request_id: str) -> ImportedKV:
-        """Copy of the computed KV of a running or held request."""
-        seq = self.scheduler.held.get(request_id) or self._requests.get(request_id, (None,))[0]
-        if seq is None or not seq.block_table:
-            raise InvalidRequestError(f"request {request_id!r} holds no KV blocks")
-        blocks, n, digest = self._computed(seq, self.config.block_size)
-        return ImportedKV(self.kv_cache.read_blocks(blocks), n, digest)
-
-    def kv_views(self, request_id: str) -> tuple[list[memoryview], tuple[int, ...], str, int, str] | None:
-        """A held request's KV as byte views of the cache itself (views, export shape, dtype name,
-        tokens, digest), for sending without a copy; None when the cache is not on the CPU."""
-        seq = self.scheduler.held.get(request_id)
-        if seq is None or self.device.type != "cpu":
-            return None
-        blocks, n, digest = self._computed(seq, self.config.block_size)
-        return (self.kv_cache.block_views(blocks), self.kv_cache.export_shape(len(blocks)), self.dtype_name, n,
-                digest)
-
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._ready)
+        return self.scheduler.has_unfinished() or self.connector.has_finished()
+
+    def _end(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> dict | None:
+        """Finish a request everywhere; the connector may keep its blocks and says what to answer."""
+        seq.finish_reason = reason
+        ending = self.connector.request_finished(seq)
+        self.scheduler.finish(seq, reason, stop_reason, hold=ending.hold and reason != "abort")
+        self.runner.release(seq.request_id)
+        return ending.params
 
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
-        outputs, self._ready = self._ready, []
+        self.wakeup.clear()
+        outputs = self._collect_kv()
         out = self.scheduler.schedule()
-        for seq in out.imports:
-            data = self._imports.pop(seq.request_id, None)
-            if data is not None:  # None: the KV was received in place
-                self.kv_cache.write_blocks(seq.block_table[: data.shape[BLOCK_DIM]], data)
-        result = self.runner.execute(out)
-        for seq, n in out.scheduled:
-            if seq.on_prefilled is not None and seq.num_computed_tokens + n >= seq.num_prompt_tokens:
-                seq.on_prefilled(seq)
-                seq.on_prefilled = None
+        self.connector.start_load()
+        if not out.scheduled:
+            if not outputs:  # nothing to do until a load, a release or a request comes
+                self.wakeup.wait(IDLE_WAIT)
+            return outputs
+        completing = [s for s, n in out.scheduled if s.num_computed_tokens < s.num_prompt_tokens
+                      <= s.num_computed_tokens + n]
+        save = (lambda i: self.connector.save_layer(i, completing)) if self.connector.wants_layers(completing) \
+            else None
+        result = self.runner.execute(out, after_layer=save)
+        self.connector.step_done(completing)
         for seq in self.scheduler.update(out, result.tokens):
             outputs.append(self._process(seq, result.logprobs.get(seq.request_id)))
         return outputs
+
+    def _collect_kv(self) -> list[RequestOutput]:
+        """Apply what the connector finished since the last step: held blocks released, loads done
+        (or failed: those requests end with an error)."""
+        failed: list[RequestOutput] = []
+        finished = self.connector.take_finished()
+        for rid in finished.released:
+            self.scheduler.release(rid)
+        for rid, result in finished.loads.items():
+            seq = self.scheduler.receiving.get(rid)
+            entry = self._requests.get(rid)
+            if seq is None:  # not admitted yet (a push that failed before it had blocks)
+                if result.error and entry is not None and entry[0].status is Status.WAITING:
+                    failed.append(self._fail(entry[0], result.error))
+                continue
+            error = result.error
+            if not error and result.first_token_ids and not seq.finished:
+                try:
+                    self._check_first_tokens(result.first_token_ids, seq.max_tokens)
+                except InvalidRequestError as e:
+                    error = f"the pushed first tokens are unusable: {e}"
+                else:
+                    seq.token_ids.extend(result.first_token_ids)
+                    detok = self._requests[rid][1]
+                    detok.add(list(result.first_token_ids))
+                    detok.skip_emitted()
+            self.scheduler.loaded(seq, 0 if error else result.tokens)
+            if error and not seq.finished:
+                failed.append(self._fail(seq, error))
+        return failed
+
+    def _fail(self, seq: Sequence, error: str) -> RequestOutput:
+        del self._requests[seq.request_id]
+        self._end(seq, "abort")
+        return RequestOutput(seq.request_id, [], "", True, "abort", num_prompt_tokens=seq.num_prompt_tokens,
+                             error=error)
 
     def _process(self, seq: Sequence, logprob: TokenLogprob | None) -> RequestOutput:
         token = seq.token_ids[-1]
@@ -303,9 +284,9 @@ class LLMEngine:
             reason, stop_reason = "stop", token
         elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
+        params = None
         if reason is not None:
-            self.scheduler.finish(seq, reason, stop_reason)
-            self.runner.release(seq.request_id)
+            params = self._end(seq, reason, stop_reason)
             del self._requests[seq.request_id]
         return RequestOutput(
             request_id=seq.request_id,
@@ -318,6 +299,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            kv_transfer_params=params,
         )
 
     # ---- conveniences ----
@@ -331,7 +313,7 @@ class LLMEngine:
         for rid, prompt, p in zip(ids, prompts, plist, strict=True):
             seq = self.make_sequence(rid, prompt, p)
             done[rid] = Completion(rid, list(seq.token_ids), [], "", None, [], 0)
-            self.add_request(rid, seq)
+            self.add(seq)
         while self.has_unfinished():
             for o in self.step():
                 c = done[o.request_id]
@@ -340,13 +322,14 @@ class LLMEngine:
                 c.logprobs += o.new_logprobs
                 if o.finished:
                     c.finish_reason, c.num_cached_tokens = o.finish_reason, o.num_cached_tokens
+                    c.kv_transfer_params = o.kv_transfer_params
         return [done[rid] for rid in ids]
 
     def stats(self) -> dict[str, int]:
         bm = self.block_manager
         return {
             "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
+            "waiting": len(self.scheduler.waiting) + len(self.scheduler.receiving),
             "held": len(self.scheduler.held),
             "kv_blocks_total": bm.num_blocks,
             "kv_blocks_used": bm.num_used_blocks,

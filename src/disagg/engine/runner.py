@@ -6,6 +6,7 @@ tokens are laid out flat, one span each (see model/attention.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,15 +83,13 @@ class ModelRunner:
                 meta, sample_seqs, sample_rows)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def execute(self, out: SchedulerOutput, after_layer: Callable[[int], None] | None = None) -> StepResult:
+        """Run the step; `after_layer(i)` once layer i has written the step's KV (a connector's save)."""
         if not out.scheduled:
             return StepResult({}, {})
         input_ids, positions, meta, seqs, rows = self._prepare(out)
-        hooks = [s.layer_hook for s, n in out.scheduled
-                 if s.layer_hook is not None and s.num_computed_tokens + n >= s.num_prompt_tokens]
         logits = self.model(input_ids, positions, self.kv.layers, meta,
-                            torch.tensor(rows, dtype=torch.long, device=self.device),
-                            after_layer=(lambda i: [h(i) for h in hooks]) if hooks else None)
+                            torch.tensor(rows, dtype=torch.long, device=self.device), after_layer=after_layer)
         if not seqs:
             return StepResult({}, {})
         tokens, logprobs = sample(logits, [s.params for s in seqs], [self._generator(s) for s in seqs])

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from disagg.engine.sampling import SamplingParams
+from disagg.kv.params import KVTransferParams
 
 
 class Status(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # blocks allocated, KV arriving from elsewhere (kv connector)
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -29,10 +30,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks of known tokens
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache on admission
-    num_imported_tokens: int = 0  # tokens whose KV arrives from another worker (counted as computed)
-    hold_blocks: bool = False  # keep the blocks after finishing, until released (prefill role)
-    layer_hook: Callable[[int], None] | None = None  # called as the prompt's last chunk passes each layer
-    on_prefilled: Callable[[Sequence], None] | None = None  # once, after the step that computed the prompt
+    kv: KVTransferParams | None = None  # where its KV comes from or goes to (engine/connector)
+    prepared: bool = False  # the connector's prepare() ran
     finish_reason: str | None = None  # stop | length | abort
     stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
@@ -56,3 +55,7 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]

@@ -15,9 +15,12 @@ Scales are float32 and counted in the sizes. Bytes per token, in one place: `byt
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+
+from disagg.kv.framing import KVTransferError
 
 CODECS = ("none", "fp16", "fp8", "int8", "int4")
 Parts = dict[str, torch.Tensor]
@@ -113,3 +116,70 @@ def decode(codec: str, parts: Parts, shape: tuple[int, ...], dtype: torch.dtype)
 
 def wire_bytes(parts: Parts) -> int:
     return sum(t.numel() * t.element_size() for t in parts.values())
+
+
+# ---- coded KV on the wire: the parts go back to back, described by [name, dtype, shape] ----
+
+PART_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
+               "uint8": torch.uint8, "float8_e4m3fn": torch.float8_e4m3fn}
+WirePart = tuple[str, torch.dtype, tuple[int, ...]]
+
+
+def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def assemble(views: tuple[memoryview, ...], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """One tensor from byte views in export order (a copy)."""
+    buf = receive_buffer(sum(v.nbytes for v in views))
+    off = 0
+    for v in views:
+        buf[off : off + v.nbytes] = torch.frombuffer(v, dtype=torch.uint8)
+        off += v.nbytes
+    return buf.view(dtype).reshape(shape)
+
+
+def receive_buffer(size: int) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.uint8)
+
+
+def copy_into(t: torch.Tensor, views: list[memoryview]) -> None:
+    """Copy a tensor's bytes into views that together are exactly as long, in order."""
+    src = t.contiguous().view(-1).view(torch.uint8)
+    if src.numel() != sum(v.nbytes for v in views):
+        raise ValueError("decoded KV does not fit the memory given for it")
+    off = 0
+    for v in views:
+        torch.frombuffer(v, dtype=torch.uint8).copy_(src[off : off + v.nbytes])
+        off += v.nbytes
+
+
+def check_parts(head: dict, codec: str) -> list[WirePart]:
+    """The parts a header announces, each checked."""
+    if head.get("codec") != codec or not isinstance(head.get("parts"), list) or len(head["parts"]) > 8:
+        raise KVTransferError(f"the KV port did not encode with {codec}")
+    parts = []
+    for meta in head["parts"]:
+        if not (isinstance(meta, list) and len(meta) == 3 and isinstance(meta[0], str) and meta[1] in PART_DTYPES
+                and isinstance(meta[2], list) and len(meta[2]) <= 8
+                and all(isinstance(d, int) and d >= 0 for d in meta[2])):
+            raise KVTransferError("malformed KV part")
+        parts.append((meta[0], PART_DTYPES[meta[1]], tuple(meta[2])))
+    return parts
+
+
+def parts_bytes(parts: list[WirePart]) -> int:
+    return sum(nbytes(s, d) for _, d, s in parts)
+
+
+def decode_parts(codec: str, buf: torch.Tensor, parts: list[WirePart], shape: tuple[int, ...],
+                 dtype: torch.dtype) -> torch.Tensor:
+    named, off = {}, 0
+    for name, d, s in parts:
+        n = nbytes(s, d)
+        named[name] = buf[off : off + n].view(d).reshape(s)
+        off += n
+    try:
+        return decode(codec, named, shape, dtype)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise KVTransferError(f"KV parts do not decode with {codec}: {e}") from e

@@ -11,10 +11,14 @@ import hashlib
 import hmac
 import socket
 import struct
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import xxhash
+
+if TYPE_CHECKING:
+    from disagg.kv.netem import Pacer
 
 MAX_FRAME = 1 << 20  # metadata frames are small; refuse anything bigger
 CHUNK = 1 << 20  # checksummed and paced in pieces this big
@@ -34,6 +38,19 @@ def recv_views(sock: socket.socket, views: list[memoryview] | tuple[memoryview, 
             recv_exact(sock, chunk)
             crc.update(chunk)
     return crc.intdigest()
+
+
+def send_views(sock: socket.socket, views: Iterable[memoryview], crc: xxhash.xxh3_64, pacer: Pacer) -> int:
+    """Send views in order, a chunk at a time, at the link's pace, adding them to `crc`; returns the
+    bytes sent."""
+    sent = 0
+    for view in views:
+        for off in range(0, view.nbytes, CHUNK):
+            chunk = view[off : off + CHUNK]
+            crc.update(chunk)
+            pacer.send(sock, chunk)
+            sent += chunk.nbytes
+    return sent
 
 
 def views_checksum(views: list[memoryview] | tuple[memoryview, ...]) -> int:

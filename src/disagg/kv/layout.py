@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+# engine/llm_engine.py still imports format_bytes from here; it lives in disagg.units now. Remove this
+# line once that import names disagg.units.
+from disagg.units import format_bytes  # noqa: F401
+
 DTYPE_BYTES = {
     "float32": 4, "fp32": 4,
     "float16": 2, "fp16": 2,
@@ -37,12 +41,3 @@ def kv_bytes_per_token(model: KVShape, dtype: str = "fp16") -> int:
 
 def kv_bytes(model: KVShape, tokens: int, dtype: str = "fp16") -> int:
     return kv_bytes_per_token(model, dtype) * tokens
-
-
-def format_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (binary units, as memory is sized)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")

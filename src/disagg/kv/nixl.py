@@ -8,12 +8,14 @@ decode worker asks for a request's KV there and gets the prefill agent's metadat
 regions to read, reads them, checks the XXH3 of what arrived, and says when it is done.
 
 Each worker registers its whole KV cache with its agent once, at start, so a transfer costs no
-registration; memory from anywhere else is registered for the one transfer.
+registration; memory from anywhere else is registered for the one transfer. `NixlMover` is the
+transport's side of it (kv/tcp.py's `Mover`).
 """
 
 from __future__ import annotations
 
 import importlib
+import socket
 import threading
 import time
 import uuid
@@ -22,7 +24,8 @@ from typing import Any
 
 import torch
 
-from disagg.kv.framing import KVTransferError
+from disagg.kv.framing import KVTransferError, read_frame, send_frame, views_checksum
+from disagg.kv.netem import Pacer
 from disagg.kv.shm import address
 
 Region = tuple[int, int, int]  # address, bytes, device id
@@ -130,3 +133,53 @@ class NixlAgent:
                     raise KVTransferError("NIXL read failed")
             finally:
                 self.agent.release_xfer_handle(handle)
+
+
+class NixlMover:
+    """A pull's bytes through NIXL: the server announces its agent and the memory regions to read,
+    the client READs them into its own (registered) memory and answers {"op": "done"}."""
+
+    name = "nixl"
+
+    def __init__(self, agent: NixlAgent, timeout: float = 30.0) -> None:
+        self.agent, self.timeout = agent, timeout
+
+    def reaches(self, host: str) -> bool:
+        return True
+
+    def send(self, conn: socket.socket, head: dict[str, Any], views: tuple[memoryview, ...], pacer: Pacer) -> None:
+        regions = view_regions(views)
+        # views of the cache are registered already; a copy (exported from a GPU cache) is not
+        temp = None if self.agent.covers(regions) else self.agent.register(regions)
+        try:
+            send_frame(conn, head | {"xxh3": views_checksum(views), "nixl": {
+                "agent": self.agent.name, "md": self.agent.metadata(), "regions": [list(r) for r in regions],
+                "mem": "DRAM"}})
+            read_frame(conn)  # the reader is done with the memory
+        finally:
+            if temp is not None:
+                self.agent.deregister(temp)
+
+    def receive(self, conn: socket.socket, head: dict[str, Any], views: list[memoryview]) -> int:
+        try:
+            meta = head.get("nixl")
+            if not (isinstance(meta, dict) and isinstance(meta.get("agent"), str) and len(meta["agent"]) <= 128
+                    and isinstance(meta.get("md"), bytes) and meta.get("mem") in ("DRAM", "VRAM")
+                    and isinstance(meta.get("regions"), list) and all(
+                        isinstance(r, list) and len(r) == 3 and all(isinstance(x, int) and x >= 0 for x in r)
+                        and r[1] > 0 for r in meta["regions"])):
+                raise KVTransferError("malformed NIXL header")
+            local = view_regions(views)
+            handle = None if self.agent.covers(local) else self.agent.register(local)
+            try:
+                self.agent.read(meta["agent"], meta["md"], [tuple(r) for r in meta["regions"]], meta["mem"], local,
+                                "DRAM", self.timeout)
+            finally:
+                if handle is not None:
+                    self.agent.deregister(handle)
+        finally:
+            send_frame(conn, {"op": "done"})
+        crc = views_checksum(views)
+        if head.get("xxh3") != crc:
+            raise KVTransferError("KV payload checksum mismatch")
+        return crc

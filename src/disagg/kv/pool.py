@@ -7,8 +7,9 @@ first, each optional and with a byte budget:
 - memory: this process, least recently used first out;
 - disk:   a directory (the "NVMe" tier); files are written atomically (a temporary file, then a
           rename) and survive a worker restart; several workers may share one directory;
-- redis:  a Redis server several workers share (the remote tier): one key per block, a sorted
-          set of last uses and a byte counter, so the budget holds across all its writers.
+- redis:  a Redis server several workers share (the remote tier, kv/redis_tier.py): one key per
+          block, a sorted set of last uses and a byte counter, so the budget holds across all its
+          writers.
 
 Reads walk a prefix: one batched existence check per tier finds the longest run of leading blocks
 that some tier holds, then each tier is read once for its part, and what slower tiers gave is
@@ -28,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
@@ -101,6 +102,7 @@ class MemoryTier(Tier):
         self.budget = budget_bytes
         self.used = 0
         self._blocks: OrderedDict[bytes, bytes] = OrderedDict()
+        self._lock = threading.Lock()  # held for dictionary updates only, never across I/O
         self.stats = TierStats()
         self.on_evict: Callable[[bytes, bytes], None] = lambda key, blob: None
 
@@ -108,32 +110,38 @@ class MemoryTier(Tier):
         return key in self._blocks
 
     def get(self, key: bytes) -> bytes | None:
-        blob = self._blocks.get(key)
-        if blob is None:
-            return None
-        self._blocks.move_to_end(key)
+        with self._lock:
+            blob = self._blocks.get(key)
+            if blob is None:
+                return None
+            self._blocks.move_to_end(key)
         return unpack(blob)
 
     def put(self, key: bytes, data: bytes) -> None:
         blob = pack(data)
         if len(blob) > self.budget:
             return
-        if key in self._blocks:
-            self._blocks.move_to_end(key)
-            return
-        self._blocks[key] = blob
-        self.used += len(blob)
-        self.stats.bytes_written += len(data)
-        while self.used > self.budget:
-            old, old_blob = self._blocks.popitem(last=False)
-            self.used -= len(old_blob)
-            self.stats.evicted += 1
-            self.on_evict(old, old_blob[HEADER.size :])
+        evicted = []
+        with self._lock:
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+                return
+            self._blocks[key] = blob
+            self.used += len(blob)
+            self.stats.bytes_written += len(data)
+            while self.used > self.budget:
+                old, old_blob = self._blocks.popitem(last=False)
+                self.used -= len(old_blob)
+                self.stats.evicted += 1
+                evicted.append((old, old_blob[HEADER.size :]))
+        for old, payload in evicted:  # write-back spills into slower tiers: outside the lock
+            self.on_evict(old, payload)
 
     def discard(self, key: bytes) -> None:
-        blob = self._blocks.pop(key, None)
-        if blob is not None:
-            self.used -= len(blob)
+        with self._lock:
+            blob = self._blocks.pop(key, None)
+            if blob is not None:
+                self.used -= len(blob)
 
 
 class DiskTier(Tier):
@@ -148,8 +156,9 @@ class DiskTier(Tier):
                               "pass another --kv-pool-dir, or '' for none") from e
         self.budget = budget_bytes
         self.stats = TierStats()
+        self._lock = threading.Lock()  # held for bookkeeping only, never across file I/O
         # what is there already (a restarted worker keeps its blocks), oldest first
-        entries = sorted((p.stat().st_mtime, p.stat().st_size, p) for p in self.root.glob("*/*.kv"))
+        entries = sorted(e for p in self.root.glob("*/*.kv") if (e := _entry(p)) is not None)
         self._files: OrderedDict[str, int] = OrderedDict((p.stem, size) for _, size, p in entries)
         self.used = sum(self._files.values())
 
@@ -165,23 +174,26 @@ class DiskTier(Tier):
         try:
             blob = path.read_bytes()
         except OSError:
-            self._files.pop(key.hex(), None)
+            with self._lock:
+                self._forget(key.hex())
             return None
         data = unpack(blob)
         if data is None:
             self.stats.corrupt += 1
             self.discard(key)
             return None
-        if key.hex() in self._files:
-            self._files.move_to_end(key.hex())
+        with self._lock:
+            if key.hex() in self._files:
+                self._files.move_to_end(key.hex())
         with contextlib.suppress(OSError):
             os.utime(path)  # most recently used, for eviction after a restart too
         return data
 
     def put(self, key: bytes, data: bytes) -> None:
         blob = pack(data)
-        if len(blob) > self.budget or key.hex() in self._files:
-            return
+        with self._lock:
+            if len(blob) > self.budget or key.hex() in self._files:
+                return
         path = self._path(key)
         tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         try:
@@ -196,162 +208,41 @@ class DiskTier(Tier):
             with contextlib.suppress(OSError):
                 tmp.unlink()
             return
-        self._files[key.hex()] = len(blob)
-        self.used += len(blob)
-        self.stats.bytes_written += len(data)
-        while self.used > self.budget and self._files:
-            old, size = self._files.popitem(last=False)
-            self.used -= size
-            self.stats.evicted += 1
+        evicted = []
+        with self._lock:
+            self._forget(key.hex())  # written twice meanwhile: counted once
+            self._files[key.hex()] = len(blob)
+            self.used += len(blob)
+            self.stats.bytes_written += len(data)
+            while self.used > self.budget and self._files:
+                old, size = self._files.popitem(last=False)
+                self.used -= size
+                self.stats.evicted += 1
+                evicted.append(old)
+        for old in evicted:
             with contextlib.suppress(OSError):
                 (self.root / old[:2] / f"{old}.kv").unlink()
 
-    def discard(self, key: bytes) -> None:
-        size = self._files.pop(key.hex(), None)
+    def _forget(self, name: str) -> None:
+        size = self._files.pop(name, None)
         if size is not None:
             self.used -= size
+
+    def discard(self, key: bytes) -> None:
+        with self._lock:
+            self._forget(key.hex())
         with contextlib.suppress(OSError):
             self._path(key).unlink()
 
 
-# Redis scripts: each runs atomically on the server, so concurrent writers keep the byte counter
-# exact. KEYS[1] is the LRU sorted set, KEYS[2] the byte counter, further KEYS the blocks.
-_PUT = """
-local added, count = 0, 0
-for i = 3, #KEYS do
-  if redis.call('SET', KEYS[i], ARGV[i - 1], 'NX') then
-    redis.call('ZADD', KEYS[1], ARGV[1], KEYS[i])
-    added = added + string.len(ARGV[i - 1])
-    count = count + 1
-  end
-end
-return {added, count, redis.call('INCRBY', KEYS[2], added)}
-"""
-_EVICT = """
-local budget = tonumber(ARGV[1])
-local used = tonumber(redis.call('GET', KEYS[2]) or '0')
-local evicted = 0
-while used > budget do
-  local oldest = redis.call('ZPOPMIN', KEYS[1], 1)
-  if #oldest == 0 then  -- nothing left to evict: whatever the counter says, nothing is stored
-    redis.call('SET', KEYS[2], 0)
-    break
-  end
-  local size = redis.call('STRLEN', oldest[1])
-  if redis.call('DEL', oldest[1]) == 1 then
-    used = redis.call('DECRBY', KEYS[2], size)
-    evicted = evicted + 1
-  end
-end
-return evicted
-"""
-_DISCARD = """
-local size = redis.call('STRLEN', KEYS[3])
-redis.call('ZREM', KEYS[1], KEYS[3])
-if redis.call('DEL', KEYS[3]) == 1 then redis.call('DECRBY', KEYS[2], size) end
-return size
-"""
-
-
-class RedisTier(Tier):
-    """Blocks in a shared Redis server. Keys are `<namespace><hex>`; `<namespace>lru` scores each
-    block by its last use and `<namespace>bytes` counts what they take, updated atomically (server
-    scripts), so whichever worker pushes the total past the budget evicts the least recently used
-    blocks, whoever wrote them. After a failure the tier is skipped for `cooldown` seconds, so a
-    Redis that went away costs one timeout, not one per request."""
-
-    name = "redis"
-
-    def __init__(self, url: str, budget_bytes: int, namespace: str = "disagg:kv:", cooldown: float = 5.0) -> None:
-        import redis
-
-        self._errors = (redis.RedisError, OSError)
-        self.budget = budget_bytes
-        self.ns = namespace
-        self.stats = TierStats()
-        self.cooldown = cooldown
-        self._down_until = 0.0
-        try:
-            self.r = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-            self.r.ping()
-        except (*self._errors, ValueError) as e:
-            raise ConfigError(f"cannot reach the KV pool's Redis at {url}: {e}; start redis-server or drop "
-                              "--kv-pool-redis") from e
-        self._lru, self._bytes = namespace + "lru", namespace + "bytes"
-        self._put, self._evict, self._discard = (self.r.register_script(x) for x in (_PUT, _EVICT, _DISCARD))
-
-    def _key(self, key: bytes) -> str:
-        return self.ns + key.hex()
-
-    def _up(self) -> bool:
-        return time.monotonic() >= self._down_until
-
-    def _failed(self, e: Exception) -> None:
-        self.stats.errors += 1
-        self._down_until = time.monotonic() + self.cooldown
-        log.warning("KV pool's Redis tier failed (%d errors so far): %s; skipped for %.0f s", self.stats.errors, e,
-                    self.cooldown)
-
-    def contains(self, key: bytes) -> bool:
-        return self.contains_many([key])[0]
-
-    def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
-        if not keys or not self._up():
-            return [False] * len(keys)
-        try:
-            pipe = self.r.pipeline(transaction=False)
-            for k in keys:
-                pipe.exists(self._key(k))
-            return [bool(x) for x in pipe.execute()]
-        except self._errors as e:
-            self._failed(e)
-            return [False] * len(keys)
-
-    def get(self, key: bytes) -> bytes | None:
-        return self.get_many([key])[0]
-
-    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        if not keys or not self._up():
-            return [None] * len(keys)
-        try:
-            blobs = self.r.mget([self._key(k) for k in keys])
-        except self._errors as e:
-            self._failed(e)
-            return [None] * len(keys)
-        out: list[bytes | None] = []
-        used: dict[str, float] = {}
-        for k, blob in zip(keys, blobs, strict=True):
-            data = unpack(blob) if blob is not None else None
-            if blob is not None and data is None:
-                self.stats.corrupt += 1
-                self.discard(k)
-            elif data is not None:
-                used[self._key(k)] = time.time()
-            out.append(data)
-        if used:
-            with contextlib.suppress(*self._errors):
-                self.r.zadd(self._lru, used, xx=True)  # only blocks still there: never revive an evicted one
-        return out
-
-    def put(self, key: bytes, data: bytes) -> None:
-        self.put_many([key], [data])
-
-    def put_many(self, keys: Sequence[bytes], blocks: Sequence[bytes]) -> None:
-        if not keys or not self._up():
-            return
-        blobs = [pack(d) for d in blocks]
-        try:
-            added, count, used = self._put(keys=[self._lru, self._bytes, *map(self._key, keys)],
-                                           args=[time.time(), *blobs])
-            self.stats.bytes_written += added - HEADER.size * count
-            if used > self.budget:
-                self.stats.evicted += self._evict(keys=[self._lru, self._bytes], args=[self.budget])
-        except self._errors as e:
-            self._failed(e)
-
-    def discard(self, key: bytes) -> None:
-        with contextlib.suppress(*self._errors):
-            self._discard(keys=[self._lru, self._bytes, self._key(key)])
+def _entry(path: Path) -> tuple[float, int, Path] | None:
+    """(last use, size, path) of a pool file, or None when it vanished since it was listed (another
+    worker sharing the directory evicted it)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime, st.st_size, path
 
 
 @dataclass
@@ -363,9 +254,11 @@ class LookupResult:
 
 @dataclass
 class KVPool:
+    """The tiers as one store. Thread-safe without a pool-wide lock: each tier guards its own
+    bookkeeping, so a lookup never waits behind another request's write to a slow tier."""
+
     tiers: list[Tier]
     policy: str = "through"  # or "back"
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         if self.policy not in ("through", "back"):
@@ -393,34 +286,31 @@ class KVPool:
 
     def leading(self, keys: Sequence[bytes]) -> int:
         """How many leading blocks of `keys` the pool holds, reading none of them."""
-        with self._lock:
-            return len(self._where(keys))
+        return len(self._where(keys))
 
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """The longest run of leading blocks the pool holds, promoted into faster tiers."""
         t0 = time.perf_counter()
-        with self._lock:
-            where = self._where(keys)
-            n = len(where)
-            found: list[bytes | None] = [None] * n
-            for i, tier in enumerate(self.tiers):  # one read per tier, of its part of the prefix
-                mine = [j for j in range(n) if where[j] == i]
-                for j, data in zip(mine, tier.get_many([keys[j] for j in mine]), strict=True):
-                    found[j] = data
-            n = next((j for j, d in enumerate(found) if d is None), n)  # vanished or corrupt: cut there
-            looked = len(keys[: n + 1])  # the prefix, and the first block nobody had
-            for i, tier in enumerate(self.tiers):
-                mine = [j for j in range(n) if where[j] == i]
-                tier.stats.hits += len(mine)
-                tier.stats.bytes_read += sum(len(found[j]) for j in mine)
-                tier.stats.misses += looked - sum(1 for w in where[:n] if w <= i)
-                for j in mine:
-                    for faster in self.tiers[:i]:
-                        faster.put(keys[j], found[j])
+        where = self._where(keys)
+        n = len(where)
+        found: list[bytes | None] = [None] * n
+        for i, tier in enumerate(self.tiers):  # one read per tier, of its part of the prefix
+            mine = [j for j in range(n) if where[j] == i]
+            for j, data in zip(mine, tier.get_many([keys[j] for j in mine]), strict=True):
+                found[j] = data
+        n = next((j for j, d in enumerate(found) if d is None), n)  # vanished or corrupt: cut there
+        looked = len(keys[: n + 1])  # the prefix, and the first block nobody had
+        for i, tier in enumerate(self.tiers):
+            mine = [j for j in range(n) if where[j] == i]
+            tier.stats.hits += len(mine)
+            tier.stats.bytes_read += sum(len(found[j]) for j in mine)
+            tier.stats.misses += looked - sum(1 for w in where[:n] if w <= i)
+            for j in mine:
+                for faster in self.tiers[:i]:
+                    faster.put(keys[j], found[j])
         blocks = [b for b in found[:n] if b is not None]
         return LookupResult(blocks, [self.tiers[where[j]].name for j in range(n)], time.perf_counter() - t0)
 
     def store(self, keys: Sequence[bytes], blocks: Sequence[bytes]) -> None:
-        with self._lock:
-            for tier in self.tiers if self.policy == "through" else self.tiers[:1]:
-                tier.put_many(keys, blocks)
+        for tier in self.tiers if self.policy == "through" else self.tiers[:1]:
+            tier.put_many(keys, blocks)

@@ -6,6 +6,10 @@ behind, even when its process is killed, and another process of the same user op
 `SharedMemory` (an arena), so a pull is a single copy, from the prefill's cache blocks straight
 into the decode's; KV that is not in the arena (a copy exported from a GPU cache) goes through a
 pooled segment first. Readers keep their mappings, checked by inode, across transfers.
+
+`ShmMover` moves a pull's bytes this way over the TCP control channel (kv/tcp.py): the header
+says which memory to copy from, the reader copies and answers {"op": "done"}, and only then may
+the server reuse the memory.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,7 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from disagg.kv.framing import CHUNK, KVTransferError, checksum
+from disagg.kv.framing import CHUNK, KVTransferError, checksum, read_frame, send_frame, views_checksum
+from disagg.kv.netem import Pacer
+from disagg.kv.transport import is_loopback
 
 SHM_DIR = "/dev/shm"
 
@@ -184,3 +191,41 @@ class SegmentReader:
                 return crc.intdigest()
             finally:
                 src.release()
+
+
+class ShmMover:
+    """A pull's bytes through shared memory: the server's KV cache itself when it lives in an arena,
+    else a staging segment the server fills; one host only."""
+
+    name = "shm"
+
+    def __init__(self, arena: SharedMemory | None = None) -> None:
+        self.arena = arena
+        self._segments = SegmentPool()
+        self._reader = SegmentReader()
+
+    def reaches(self, host: str) -> bool:
+        return is_loopback(host)
+
+    def send(self, conn: socket.socket, head: dict[str, Any], views: tuple[memoryview, ...], pacer: Pacer) -> None:
+        regions = self.arena.regions(views) if self.arena is not None else None
+        if regions is not None:  # straight out of the cache: the reader makes the only copy
+            send_frame(conn, head | {"shm": self.arena.address(), "regions": regions, "xxh3": views_checksum(views)})
+            read_frame(conn)  # the reader says when it is done
+            return
+        with self._segments.lend(sum(v.nbytes for v in views)) as seg:
+            crc = seg.fill(views)
+            send_frame(conn, head | {"shm": seg.address(), "regions": [[0, head["nbytes"]]], "xxh3": crc})
+            read_frame(conn)  # the segment is lent until the reader is done
+
+    def receive(self, conn: socket.socket, head: dict[str, Any], views: list[memoryview]) -> int:
+        try:
+            crc = self._reader.read_into(check_address(head.get("shm")), head.get("regions"), views)
+        finally:
+            send_frame(conn, {"op": "done"})
+        if head.get("xxh3") != crc:
+            raise KVTransferError("KV payload checksum mismatch")
+        return crc
+
+    def close(self) -> None:
+        self._segments.close()

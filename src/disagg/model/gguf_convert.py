@@ -89,39 +89,25 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return default if f is None else f.contents()
 
 
-def convert(gguf_path: Path, out_dir: Path, name: str | None = None) -> None:
-    import gguf  # imported here: only conversion needs it
-
-    try:
-        reader = gguf.GGUFReader(str(gguf_path))
-    except Exception as e:
-        raise ConfigError(f"cannot read GGUF file {gguf_path}: {e}") from e
-    arch = _field(reader, "general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise ConfigError(f"GGUF architecture {arch!r} is not supported ({', '.join(_ARCHITECTURES)})")
-    tensor_names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in tensor_names:
-        raise ConfigError("GGUF files with rope_freqs (Llama 3.1 rope scaling) are not supported yet; "
-                          "load the model's Hugging Face directory instead")
+def _config(reader: Any, arch: str, tensor_names: set[str], num_tokens: int, name: str) -> ModelConfig:
+    """The model's shape, from the GGUF's metadata."""
 
     def meta(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
 
-    tokens = _field(reader, "tokenizer.ggml.tokens")
     heads = meta("attention.head_count")
-    kv_heads = meta("attention.head_count_kv", heads)
     hidden = meta("embedding_length")
     eos = [_field(reader, "tokenizer.ggml.eos_token_id")]
     if (eot := _field(reader, "tokenizer.ggml.eot_token_id")) is not None and eot not in eos:
         eos.append(eot)
-    config = ModelConfig(
-        name=name or gguf_path.stem,
-        vocab_size=meta("vocab_size", len(tokens)),
+    return ModelConfig(
+        name=name,
+        vocab_size=meta("vocab_size", num_tokens),
         hidden_size=hidden,
         intermediate_size=meta("feed_forward_length"),
         num_layers=meta("block_count"),
         num_heads=heads,
-        num_kv_heads=kv_heads,
+        num_kv_heads=meta("attention.head_count_kv", heads),
         head_dim=meta("attention.key_length", hidden // heads),
         max_position_embeddings=meta("context_length", 4096),
         rope_theta=float(meta("rope.freq_base", 10000.0)),
@@ -132,6 +118,11 @@ def convert(gguf_path: Path, out_dir: Path, name: str | None = None) -> None:
         eos_token_ids=tuple(e for e in eos if e is not None),
         architecture=_ARCHITECTURES[arch],
     )
+
+
+def _weights(reader: Any, arch: str, heads: int, kv_heads: int) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized to fp32 under its Hugging Face name (llama's q/k rows unpermuted)."""
+    import gguf
 
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
@@ -150,7 +141,26 @@ def convert(gguf_path: Path, out_dir: Path, name: str | None = None) -> None:
         elif arch == "llama" and suffix in ("attn_k.weight", "attn_k.bias"):
             w = _unpermute(w, kv_heads)
         state[hf_name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
+    return state
 
+
+def convert(gguf_path: Path, out_dir: Path, name: str | None = None) -> None:
+    import gguf  # imported here: only conversion needs it
+
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except Exception as e:
+        raise ConfigError(f"cannot read GGUF file {gguf_path}: {e}") from e
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ConfigError(f"GGUF architecture {arch!r} is not supported ({', '.join(_ARCHITECTURES)})")
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise ConfigError("GGUF files with rope_freqs (Llama 3.1 rope scaling) are not supported yet; "
+                          "load the model's Hugging Face directory instead")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    config = _config(reader, arch, tensor_names, len(tokens), name or gguf_path.stem)
+    state = _weights(reader, arch, config.num_heads, config.num_kv_heads)
     tokenizer = Tokenizer.from_gguf_vocab(
         tokens=tokens,
         token_types=_field(reader, "tokenizer.ggml.token_type"),

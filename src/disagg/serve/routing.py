@@ -16,6 +16,10 @@ when each request it placed has ended (answered, failed or abandoned: exactly on
 - session: a request's session (OpenAI's `user` field, or `session_id`) stays on the worker that
   served it while that worker is healthy, so follow-up turns find their KV; new sessions, and
   sessions whose worker died, go to the least-loaded worker.
+
+The proxy never calls on_complete itself: it places requests through a `Charges`, one per client
+request, whose placements settle exactly once (see there), so no path can leave a worker looking
+busy for ever.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+from disagg.serve.protocol import max_tokens_of
 
 if TYPE_CHECKING:
     from disagg.serve.kv_index import KVIndex
@@ -36,6 +42,11 @@ class RoutingPolicy(Protocol):
 
     def on_complete(self, worker: str, request: dict[str, Any]) -> None:
         """A request routed to `worker` has ended (optional bookkeeping)."""
+        ...
+
+    def outstanding(self) -> dict[str, int]:
+        """Tokens each worker was given that have not ended, as this policy counts them (empty when
+        it does not count)."""
         ...
 
 
@@ -52,6 +63,9 @@ class RoundRobin:
 
     def on_complete(self, worker: str, request: dict[str, Any]) -> None:
         pass
+
+    def outstanding(self) -> dict[str, int]:
+        return {}
 
 
 ROUTING = ("round-robin", "least-load", "prefix", "session")
@@ -75,7 +89,7 @@ def estimated_tokens(request: dict[str, Any]) -> int:
 
 
 def requested_output(request: dict[str, Any]) -> int:
-    out = request.get("max_tokens", request.get("max_completion_tokens"))
+    out = max_tokens_of(request, chat="messages" in request)
     return out if isinstance(out, int) and out > 0 else DEFAULT_MAX_TOKENS
 
 
@@ -99,6 +113,9 @@ class LeastLoad:
 
     def on_complete(self, worker: str, request: dict[str, Any]) -> None:
         self.load[worker] = max(0, self.load.get(worker, 0) - estimated_tokens(request))
+
+    def outstanding(self) -> dict[str, int]:
+        return dict(self.load)
 
 
 class SessionAffinity:
@@ -128,6 +145,9 @@ class SessionAffinity:
 
     def on_complete(self, worker: str, request: dict[str, Any]) -> None:
         self.fallback.on_complete(worker, request)
+
+    def outstanding(self) -> dict[str, int]:
+        return self.fallback.outstanding()
 
 
 class PrefixAware:
@@ -189,11 +209,57 @@ class PrefixAware:
     def on_complete(self, worker: str, request: dict[str, Any]) -> None:
         self.load.on_complete(worker, request)
 
+    def outstanding(self) -> dict[str, int]:
+        return self.load.outstanding()
+
 
 def make_policy(name: str, index: KVIndex | None = None) -> RoutingPolicy:
     if name == "prefix":
         return PrefixAware(index)
     return {"round-robin": RoundRobin, "least-load": LeastLoad, "session": SessionAffinity}[name]()
+
+
+class Placement:
+    """One request placed on one worker. `settle()` ends it: the first call runs `release` (the
+    policy's on_complete, or a counter's decrement), later calls do nothing."""
+
+    def __init__(self, worker: str, release: Callable[[], None]) -> None:
+        self.worker = worker
+        self._release: Callable[[], None] | None = release
+
+    def settle(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+class Charges:
+    """The placements made for one client request. The proxy settles each one where it knows that
+    phase ended (prefill answered, a decode stream closed) and sweeps them all when the client
+    request ends, whichever path it took; so every select() meets exactly one on_complete()."""
+
+    def __init__(self, policy: RoutingPolicy) -> None:
+        self.policy = policy
+        self._open: list[Placement] = []
+        self._swept = False
+
+    def select(self, pool: str, workers: Sequence[str], request: dict[str, Any]) -> Placement:
+        worker = self.policy.select(pool, workers, request)
+        return self.hold(worker, lambda: self.policy.on_complete(worker, request))
+
+    def hold(self, worker: str, release: Callable[[], None]) -> Placement:
+        placement = Placement(worker, release)
+        if self._swept:  # the client request has ended already: nothing may outlive it
+            placement.settle()
+        else:
+            self._open.append(placement)
+        return placement
+
+    def sweep(self) -> None:
+        self._swept = True
+        for placement in self._open:
+            placement.settle()
+        self._open.clear()
 
 
 class WorkerHealth:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from disagg.bench.options import parse_ints
-from disagg.bench.workloads import parse_len
 from disagg.cli_args import described as _help
 from disagg.errors import ConfigError
+from disagg.parsing import parse_ints, parse_len
 
 # The reference paper's situations, as plan settings; a scenario with several entries compares them.
 SCENARIOS: dict[str, list[dict[str, object]]] = {

@@ -14,16 +14,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from disagg.bench.metrics import beats, crossover
-from disagg.bench.options import parse_ints
-from disagg.bench.workloads import parse_len
 from disagg.errors import ConfigError
-from disagg.kv.layout import format_bytes
+from disagg.metrics import beats, crossover
+from disagg.parsing import parse_ints, parse_len
 from disagg.sim.cost import WorkerCost
 from disagg.sim.hardware import Device, Link, find, load_catalog
 from disagg.sim.model import ModelSpec
 from disagg.sim.options import PlanOptions
 from disagg.sim.simulator import Cluster, run_summary
+from disagg.units import format_bytes
 
 DEFAULT_PROFILE = Path("~/.cache/disagg/profile.toml").expanduser()
 

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from disagg.bench.metrics import RequestRecord, summarize
+from disagg.metrics import RequestRecord, summarize
 from disagg.sim.cost import WorkerCost
 from disagg.sim.hardware import Link
 

@@ -1,5 +1,7 @@
-"""What a benchmark run measured, per request and in summary. The definitions are vLLM's
-(`vllm bench serve`), and so are the summary's field names, so existing tooling reads our JSON:
+"""Latency and throughput metrics, defined once for what `disagg bench` measures and what `disagg plan`
+simulates (both emit RequestRecords and summarize them here), so a prediction and a measurement
+mean the same thing. The definitions are vLLM's (`vllm bench serve`), and so are the summary's
+field names, so existing tooling reads our JSON:
 
 - TTFT: request sent -> first streamed token.
 - TPOT: (E2E - TTFT) / (output tokens - 1), per request with more than one output token.

@@ -1,28 +1,29 @@
 """`disagg transfer-bench`: KV transfer speed per payload size, next to a plain-socket reference
 measured in the same run.
 
-A KV server runs on its own thread and event loop; the client pulls the same payload `repeats`
-times per size into preallocated memory, as a decode worker receives into its KV-cache blocks.
+A KV port serves the payloads; the client pulls the same payload `repeats` times per size into
+preallocated memory, as a decode worker receives into its KV-cache blocks.
 The reference sends the same bytes over a plain TCP socket (sendall / recv_into),
 with the same threads. An emulated link applies to the KV transfer only and is labelled.
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import time
 
 import torch
 
-from disagg.bench.metrics import percentile
+from disagg.bench.options import TransferBenchOptions
+from disagg.kv.framing import KVTransferError
 from disagg.kv.netem import Link
-from disagg.kv.nixl import NixlAgent
+from disagg.kv.nixl import NixlAgent, NixlMover
 from disagg.kv.nixl import available as nixl_available
-from disagg.kv.options import TransferBenchOptions
-from disagg.kv.shm import SharedMemory
-from disagg.kv.tcp import KVClient, KVPayload, KVServer
+from disagg.kv.shm import SharedMemory, ShmMover
+from disagg.kv.tcp import Inline, Mover, Sessions, TcpPort, TcpTransport
+from disagg.kv.transport import Exported, tensor_bytes
+from disagg.metrics import percentile
 
 
 def parse_size(text: str) -> int:
@@ -37,43 +38,33 @@ def parse_size(text: str) -> int:
         raise ConfigError(f"cannot read {text!r} as a size; write e.g. 8M or 512M") from None
 
 
-class _ServerThread:
-    def __init__(self, payloads: dict[str, KVPayload], link: Link, nixl: NixlAgent | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
+class _Payloads:
+    """A KV port handler serving fixed payloads, held for ever (the benchmark pulls each many times)."""
+
+    def __init__(self, payloads: dict[str, torch.Tensor]) -> None:
         self.payloads = payloads
 
-        async def export(rid: str) -> KVPayload:
-            return self.payloads[rid]
+    def export(self, rid: str, from_block: int) -> Exported:
+        data = self.payloads[rid]
+        return Exported(tuple(data.shape), data.dtype, 1, "", views=(tensor_bytes(data),))
 
-        async def release(rid: str) -> bool:
-            return True
+    def export_done(self, rid: str, nbytes: int) -> None:
+        pass
 
-        self.server = KVServer(export, release, link=link, nixl=nixl)
-        self.port = 0
-        ready = threading.Event()
+    def release(self, rid: str) -> bool:
+        return True
 
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.port = self.loop.run_until_complete(self.server.start("127.0.0.1", 0))
-            ready.set()
-            self.loop.run_forever()
+    def renew(self, rid: str) -> float | None:
+        return None
 
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        ready.wait()
+    def accept_push(self, header: object, abort: object) -> tuple[list[memoryview], int]:
+        raise KVTransferError("the transfer benchmark takes no pushes")
 
-    def stop(self) -> None:
-        async def shutdown() -> None:
-            await self.server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+    def push_done(self, push_id: str, first_token_ids: object, error: object = None) -> None:
+        pass
 
-        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
+    def cancel_push(self, push_id: str) -> None:
+        pass
 
 
 def _plain_socket(nbytes: int, repeats: int) -> list[float]:
@@ -128,13 +119,16 @@ def run(opts: TransferBenchOptions) -> list[dict[str, float]]:
             off += n // 2
     else:
         data = {n: torch.zeros(n // 2, dtype=torch.float16) for n in sizes}
-    payloads = {str(n): KVPayload(data[n], 1) for n in sizes}  # fp16 "KV"
+    payloads = {str(n): data[n] for n in sizes}  # fp16 "KV"
     # the decode side receives into KV-cache blocks: memory allocated (and touched) up front
     dests = {n: torch.ones(n // 2 * 2, dtype=torch.uint8) for n in sizes}
-    nixl = opts.transport == "nixl"
-    server = _ServerThread(payloads, link, NixlAgent([p.data for p in payloads.values()]) if nixl else None)
-    server.server.arena = arena
-    client = KVClient(secret="", timeout=3600, nixl=NixlAgent(list(dests.values())) if nixl else None)
+    movers: dict[str, tuple[Mover, Mover]] = {  # (the port's, the client's)
+        "tcp": (Inline(), Inline()), "shm": (ShmMover(arena), ShmMover()),
+        "nixl": (NixlMover(NixlAgent(list(payloads.values()))), NixlMover(NixlAgent(list(dests.values()))))
+        if opts.transport == "nixl" else (Inline(), Inline())}
+    served, pulling = movers[opts.transport]
+    port = TcpPort(_Payloads(payloads), {served.name: served}, link=link).start("127.0.0.1", 0)
+    client = TcpTransport(Sessions(timeout=3600), pulling)
     rows = []
     try:
         for n in sizes:
@@ -143,15 +137,15 @@ def run(opts: TransferBenchOptions) -> list[dict[str, float]]:
             times = []
             for _ in range(opts.repeats):
                 t0 = time.perf_counter()
-                client.pull_blocking("127.0.0.1", server.port, str(n), release=False,
-                                     into=lambda shape, dtype, dest=dest: dest, via=opts.transport)
+                client.pull(port.address, str(n), 0, lambda shape, dtype, dest=dest: dest, (n // 2,))
                 times.append(time.perf_counter() - t0)
             n = n // 2 * 2
             rows.append({"bytes": n, "gbps": n / percentile(times, 50) / 1e9, "p50_ms": 1e3 * percentile(times, 50),
                          "p99_ms": 1e3 * percentile(times, 99), "ref_gbps": n / percentile(ref, 50) / 1e9,
                          "ref_p50_ms": 1e3 * percentile(ref, 50)})
     finally:
-        server.stop()
+        port.close()
+        client.close()
     return rows
 
 
@@ -159,7 +153,7 @@ def main(opts: TransferBenchOptions) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from disagg.kv.layout import format_bytes
+    from disagg.units import format_bytes
 
     link = Link.parse(opts.kv_bandwidth, opts.kv_latency)
     rows = run(opts)
