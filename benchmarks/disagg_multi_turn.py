@@ -6,7 +6,9 @@ the blocks it received and generated last turn), so it asks the prefill worker o
 it lacks. The reference, measured in the same run: a cluster that cannot reuse what it holds
 (prefix caching off, no pool), whose decode worker receives the whole prompt every turn, as every
 decode worker did before it said what it held. With the defaults the decode worker also loads from
-the KV pool the prefill worker writes (a shared disk directory), so even a first turn moves less.
+the KV pool the prefill worker writes (a shared disk directory): the blocks it lacks that the
+prefill's pool write has already stored come from there, not over the KV port. Bytes read from the
+pool are not counted as received (disagg_kv_pool_read_bytes counts them).
 
     .venv/bin/python benchmarks/disagg_multi_turn.py [--turns 6] [--sessions 3] [--new 256,32]
 """
