@@ -112,10 +112,10 @@ def expected():
         w.close()
 
 
-def prefill_then(prefill: Worker, prompt: list[int] = PROMPT, **kv) -> dict:
+def prefill_then(prefill: Worker, prompt: list[int] = PROMPT, rid: str = "pre", **kv) -> dict:
     """Phase one on `prefill`: token 1 and the kv_transfer_params of its answer."""
-    prefill.engine.add_request("pre", prompt, GREEDY, KVTransferParams(do_remote_decode=True, **kv))
-    (last,) = [o for o in run(prefill)["pre"] if o.finished]
+    prefill.engine.add_request(rid, prompt, GREEDY, KVTransferParams(do_remote_decode=True, **kv))
+    (last,) = [o for o in run(prefill)[rid] if o.finished]
     return last.kv_transfer_params
 
 
@@ -270,3 +270,161 @@ def test_the_pool_writer_keeps_at_most_a_few_prompts_waiting(network):
     w.close()
     assert sum(pool.pool.leading(w.engine.make_sequence("x", p, GREEDY).block_hashes) for p in prompts) == \
         2 * MAX_PENDING  # what was queued got written: two blocks each
+
+
+# ---- found in review: each of these failed before its fix ----
+
+def _blocks(n: int) -> str:
+    """A KV cache of `n` blocks of the tiny model."""
+    probe = Worker(FakeNetwork())
+    try:
+        return str(n * probe.engine.kv_cache.block_bytes)
+    finally:
+        probe.close()
+
+
+def test_received_requests_that_fill_the_cache_still_run(network):
+    """Two pulls whose prompts fill a small decode cache exactly: each needs one more block for
+    token 1 than its KV takes, and neither may wait for the other for ever."""
+    prompts = [list(range(3, 3 + 64)), list(range(200, 200 + 64))]  # 4 whole blocks each
+    prefill, decode = Worker(network), Worker(network, kv_cache_memory=_blocks(8))
+    want = [prefill.engine.generate([p], GREEDY)[0].token_ids for p in prompts]
+    firsts = []
+    for i, p in enumerate(prompts):
+        kvp = prefill_then(prefill, p, rid=f"pre{i}")
+        firsts.append(kvp["first_token_ids"])
+        decode.engine.add_request(f"dec{i}", p, GREEDY, KVTransferParams.model_validate(kvp))
+    outs = run(prefill, decode)
+    for i in range(len(prompts)):
+        assert firsts[i] + tokens(outs[f"dec{i}"]) == want[i]
+    assert decode.metrics.n["received"] > 0
+    assert prefill.used() == decode.used() == 0
+
+
+def test_a_push_is_used_even_when_the_decode_pool_holds_the_whole_prompt(network):
+    """Token 1 comes with the push; a decode worker that could load every prompt block from its pool
+    must still wait for it rather than sample a token 1 of its own (the client would get it twice)."""
+    prompt = PROMPT[:64]  # whole blocks
+    prefill, decode = Worker(network), Worker(network, pool=PoolConfig(memory=1 << 22))
+    want = decode.engine.generate([prompt], GREEDY)[0].token_ids  # now pooled (and cached) on decode
+    push = {"push_id": "p2", "push_host": decode.address.host, "push_port": decode.address.port}
+    decode.engine.add_request("dec", prompt, GREEDY, KVTransferParams(do_remote_prefill=True, push_id="p2"))
+    prefill.engine.add_request("pre", prompt, GREEDY, KVTransferParams(do_remote_decode=True, **push))
+    outs = run(prefill, decode)
+    assert tokens(outs["pre"]) + tokens(outs["dec"]) == want
+    assert decode.metrics.n["via_push"] == 1
+    assert decode.metrics.n["failed"] == 0
+    assert prefill.used() == decode.used() == 0
+
+
+def test_held_kv_being_pushed_outlives_its_lease(network, expected):
+    """The decode worker takes its time to admit the pushed request: the prefill's held blocks must
+    not expire (and be taken by another prompt) while the push still has to read them."""
+    import time
+
+    prefill, decode = Worker(network, lease=0.3, kv_cache_memory=_blocks(6)), Worker(network)
+    push = {"push_id": "p3", "push_host": decode.address.host, "push_port": decode.address.port}
+    decode.engine.add_request("dec", PROMPT, GREEDY, KVTransferParams(do_remote_prefill=True, push_id="p3"))
+    prefill.engine.add_request("pre", PROMPT, GREEDY, KVTransferParams(do_remote_decode=True, **push))
+    first = tokens(run(prefill)["pre"])  # prefill is done; decode has not been stepped yet
+    time.sleep(1.0)  # past the lease: the keeper would have freed unpinned held blocks by now
+    # another prompt on prefill (6 blocks: it needs 5, mostly those the held KV has), stepped before
+    # the decode worker admits the pushed request and the push reads its blocks
+    other = [3 + (7 * i) % 500 for i in range(70)]
+    prefill.engine.add_request("other", other, GREEDY)
+    outs = run(prefill, decode)
+    assert first + tokens(outs["dec"]) == expected
+    alone = Worker(FakeNetwork())
+    assert tokens(outs["other"]) == alone.engine.generate([other], GREEDY)[0].token_ids
+    alone.close()
+    assert prefill.used() == decode.used() == 0
+
+
+def test_a_source_lost_between_admission_and_allocation_recomputes(network, expected, monkeypatch):
+    """A lease renewal that fails right after the scheduler was told KV could be loaded: the request
+    must still finish (recomputed), not wait for a load nobody planned."""
+    from disagg.engine.connector.pull import PullConnector
+
+    prefill, decode = Worker(network), Worker(network)
+    kvp = prefill_then(prefill)
+    pull = next(c for c in decode.connector.children if isinstance(c, PullConnector))
+    answer = PullConnector.num_loadable_tokens
+
+    def then_lose(self, seq, computed):
+        n = answer(self, seq, computed)
+        if n and seq.request_id in self._sources:
+            self._lose(seq.request_id, self._sources[seq.request_id])  # what a failed renewal does
+        return n
+
+    monkeypatch.setattr(pull, "num_loadable_tokens", then_lose.__get__(pull))
+    decode.engine.add_request("dec", PROMPT, GREEDY, KVTransferParams.model_validate(kvp))
+    got = tokens(run(prefill, decode)["dec"])
+    assert kvp["first_token_ids"] + got == expected
+    assert decode.used() == 0
+
+
+def test_the_keeper_survives_a_failing_housekeeping_round(network):
+    """One tick that raises must not stop the thread that expires leases."""
+    from disagg.engine.connector.pull import PullConnector
+
+    prefill = Worker(network, lease=0.3)
+    pull = next(c for c in prefill.connector.children if isinstance(c, PullConnector))
+    real, failed = pull.tick, []
+
+    def flaky(now):
+        if not failed:
+            failed.append(now)
+            raise RuntimeError("dictionary changed size during iteration")
+        real(now)
+
+    pull.tick = flaky
+    prefill_then(prefill)
+    assert prefill.used() == 5
+    import time
+
+    deadline = time.monotonic() + 10
+    while prefill.used() and time.monotonic() < deadline:
+        run(prefill)
+        prefill.engine.step()
+    assert failed
+    assert prefill.used() == 0  # the lease expired after all
+
+
+def test_aborting_a_held_prefill_refuses_later_pulls(network, expected):
+    """A prefill whose client left once it had finished: abort releases its held KV through the
+    connector, so no pull can read the blocks after another request takes them."""
+    prefill, decode = Worker(network, kv_cache_memory=_blocks(6)), Worker(network)
+    kvp = prefill_then(prefill)
+    assert prefill.engine.abort("pre")
+    prefill.engine.generate([[3 + (7 * i) % 500 for i in range(70)]], GREEDY)  # takes the freed blocks over
+    assert prefill.used() == 0
+    decode.engine.add_request("dec", PROMPT, GREEDY, KVTransferParams.model_validate(kvp))
+    got = tokens(run(prefill, decode)["dec"])
+    assert kvp["first_token_ids"] + got == expected  # recomputed, not read from someone else's blocks
+    assert decode.metrics.n["failed"] == 1
+
+
+def test_a_push_whose_memory_cannot_be_had_fails_its_request(network, monkeypatch):
+    from disagg.engine.connector.target import LoadTarget
+
+    def no_memory(self, shape, dtype):
+        raise MemoryError("no room for a staging buffer")
+
+    monkeypatch.setattr(LoadTarget, "views", no_memory)
+    decode = Worker(network, lease=30.0)
+    decode.engine.add_request("dec", PROMPT, GREEDY, KVTransferParams(do_remote_prefill=True, push_id="p4"))
+    decode.engine.step()  # admitted: waiting for the push with its blocks
+    cache = decode.engine.kv_cache
+    header = PushHeader("p4", len(PROMPT), tokens_digest(PROMPT), cache.export_shape(5), dtype_name(cache.dtype))
+    with pytest.raises(Exception, match="staging"):
+        network.ports[decode.address].accept_push(header, abort=lambda: None)
+    outs = run(decode, timeout=10)["dec"]
+    assert outs[-1].finish_reason == "abort"
+    assert decode.used() == 0
+
+
+def test_loopback_means_a_loopback_address():
+    from disagg.kv.transport import is_loopback
+
+    assert all(map(is_loopback, ["127.0.0.1", "127.1.2.3", "localhost", "::1"]))
+    assert not any(map(is_loopback, ["127.evil.example", "10.0.0.1", "example.com", "", "0.0.0.0"]))

@@ -299,3 +299,21 @@ def test_the_port_serves_connections_side_by_side():
     port.close()
     assert len(results) == 4
     assert all(torch.equal(r, handler.data) for r in results)
+
+
+@pytest.mark.parametrize("secret", [None, "s3cret"])
+def test_a_silent_connection_is_closed_after_its_timeout(secret):
+    """Before the handshake completes (with a secret) or between requests (without): a peer that
+    says nothing is let go, not served by a thread for ever."""
+    import socket
+    import time
+
+    port = TcpPort(Held(), {"tcp": Inline()}, secret, handshake_timeout=0.3, idle_timeout=0.3).start("127.0.0.1", 0)
+    try:
+        with socket.create_connection((port.address.host, port.address.port), timeout=10) as sock:
+            assert "challenge" in read_frame(sock)
+            t0 = time.monotonic()
+            assert sock.recv(1) == b""  # the port closed it
+            assert time.monotonic() - t0 < 5
+    finally:
+        port.close()

@@ -109,10 +109,10 @@ def test_a_request_waits_for_loaded_kv_apart_and_an_abort_frees_its_blocks_only_
     out = s.schedule()
     assert [q.request_id for q, _ in out.scheduled] == ["b"]  # a waits for its KV without holding b up
     assert a.status is Status.WAITING_FOR_KV
-    assert len(a.block_table) == 2
+    assert len(a.block_table) == 3  # for all its tokens: once its KV is in it runs without asking for more
     s.finish(b, "stop")
     s.finish(a, "abort")
-    assert len(a.block_table) == 2  # a transfer may still be writing into them
+    assert len(a.block_table) == 3  # a transfer may still be writing into them
     s.loaded(a, 8)
     assert not a.block_table
     assert not s.receiving
@@ -123,3 +123,30 @@ def test_a_request_waits_for_loaded_kv_apart_and_an_abort_frees_its_blocks_only_
     s.loaded(c, 8)
     out = s.schedule()
     assert out.scheduled == [(c, 2)]  # the loaded tokens count as computed
+
+
+def test_requests_back_from_their_load_run_before_a_new_one_that_does_not_fit():
+    """A request that found no room must not stall those behind it whose KV is in place: they hold
+    the very blocks it waits for."""
+    from disagg.engine.connector.base import KVConnector
+
+    class Loads(KVConnector):  # r1 and r2 load their whole prompt from elsewhere
+        def num_loadable_tokens(self, seq, computed):
+            return 7 - computed if seq.request_id in ("r1", "r2") else 0
+
+    bm = BlockManager(4, 4, "m", enable_caching=False)
+    s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, connector=Loads())
+    r1, r2 = seq("r1", 8), seq("r2", 8)  # 2 blocks each: the cache is full
+    for r in (r1, r2):
+        s.add(r)
+    s.schedule()
+    assert set(s.receiving) == {"r1", "r2"}
+    big = seq("big", 12)  # needs 3 blocks: there is no room until r1 or r2 ends
+    s.add(big)
+    s.loaded(r1, 7)
+    s.loaded(r2, 7)
+    s.waiting.remove(big)
+    s.waiting.appendleft(big)  # at the head, as a preempted request would be
+    out = s.schedule()
+    assert sorted(q.request_id for q, _ in out.scheduled) == ["r1", "r2"]
+    assert s.waiting[0] is big

@@ -189,18 +189,14 @@ class LLMEngine:
         self.add(self.make_sequence(request_id, prompt, params or SamplingParams(), kv))
 
     def abort(self, request_id: str) -> bool:
-        """End a request now and free its blocks (held ones too; blocks a load is still writing once
-        it reports back). False if it is unknown."""
+        """End a request now and free its blocks: at once, or, where something still reads or writes
+        them (an export of held KV, a load), as soon as it is done. False if it is unknown."""
         entry = self._requests.pop(request_id, None)
-        if entry is None:
-            return self.release(request_id)
+        if entry is None:  # finished already: held KV is the connector's to let go
+            return self.connector.release(request_id) or self.scheduler.release(request_id)
         seq, _ = entry
         self._end(seq, "abort")
         return True
-
-    def release(self, request_id: str) -> bool:
-        """Free the blocks a finished request was holding for a KV export."""
-        return self.scheduler.release(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self.connector.has_finished()

@@ -82,12 +82,20 @@ class Scheduler:
         return out
 
     def _admit(self, budget: int, out: SchedulerOutput) -> int:
-        passed: list[Sequence] = []  # the connector cannot say yet what it would load for these
+        # Passed over, kept in order: requests the connector cannot answer for yet, and, once one
+        # request found no room for its blocks, every later new one (first come, first served).
+        # Requests back from receiving their KV still go ahead: their blocks are in place, and
+        # waiting behind a request that needs the very blocks they hold would never end.
+        passed: list[Sequence] = []
+        full = False
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
             returning = bool(seq.block_table)  # back from receiving its KV: its blocks are in place
             if returning:
                 cached, start, loadable = [], seq.num_computed_tokens, 0
+            elif full:
+                passed.append(seq)
+                continue
             else:
                 cached = self.bm.cached_prefix(seq)
                 start = len(cached) * self.bm.block_size
@@ -96,15 +104,19 @@ class Scheduler:
                     passed.append(seq)
                     continue
             if loadable:
-                if not self.bm.can_allocate(seq, start + loadable, cached):
-                    self.waiting.appendleft(seq)
-                    break
+                # blocks for every token known (token 1 from prefill too), so that once its KV is in
+                # the request runs without asking for more
+                if not self.bm.can_allocate(seq, seq.num_tokens, cached):
+                    full = True
+                    passed.append(seq)
+                    continue
                 self._receive(seq, cached, start, loadable)
                 continue
             n = min(seq.num_tokens - start, budget)
             if not self.bm.can_allocate(seq, start + n, cached):
-                self.waiting.appendleft(seq)
-                break
+                full = True
+                passed.append(seq)
+                continue
             self.bm.allocate(seq, start + n, cached)
             if not returning:
                 self.connector.on_allocated(seq, start, 0)  # nothing to load: a remote source may go
@@ -118,8 +130,9 @@ class Scheduler:
         return budget
 
     def _receive(self, seq: Sequence, cached: list[int], start: int, loadable: int) -> None:
-        """Allocate blocks for the tokens the connector will load, and wait for them."""
-        self.bm.allocate(seq, start + loadable, cached)
+        """Allocate blocks for the request's tokens and wait for the connector to load `loadable`
+        of them from `start` on."""
+        self.bm.allocate(seq, seq.num_tokens, cached)
         seq.num_computed_tokens = start
         seq.num_cached_tokens = start
         seq.status = Status.WAITING_FOR_KV

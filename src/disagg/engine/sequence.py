@@ -32,6 +32,8 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache on admission
     kv: KVTransferParams | None = None  # where its KV comes from or goes to (engine/connector)
     prepared: bool = False  # the connector's prepare() ran
+    num_pooled_blocks: int = 0  # leading prompt blocks the KV pool holds (its prepare() says; kept here,
+    #                             not by the connector, so a request abandoned before it was queued leaves nothing)
     finish_reason: str | None = None  # stop | length | abort
     stop_reason: int | str | None = None
     arrival_time: float = field(default_factory=time.monotonic)

@@ -59,6 +59,11 @@ from disagg.kv.transport import (
 )
 
 MAX_PAYLOAD = 64 << 30
+# A port's connections: the handshake must be done within HANDSHAKE_TIMEOUT, and no read after it
+# waits longer than IDLE_TIMEOUT (a push waits for prefill to compute each layer, hence the margin;
+# the pusher itself gives up after as long). A silent peer costs a thread that long, never for ever.
+HANDSHAKE_TIMEOUT = 10.0
+IDLE_TIMEOUT = 600.0
 
 
 class Mover(Protocol):
@@ -102,8 +107,10 @@ class TcpPort:
     """A worker's KV port: serves `handler` to authenticated clients, one thread per connection."""
 
     def __init__(self, handler: KVPortHandler, movers: dict[str, Mover], secret: str | None = None,
-                 link: Link | None = None) -> None:
+                 link: Link | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.handler, self.movers, self._secret = handler, movers, secret
+        self.handshake_timeout, self.idle_timeout = handshake_timeout, idle_timeout
         self.link = link or Link()
         self.address = Address("", 0)
         self._sock: socket.socket | None = None
@@ -160,8 +167,10 @@ class TcpPort:
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
+                conn.settimeout(self.handshake_timeout)
                 if not self._authenticated(conn):
                     return
+                conn.settimeout(self.idle_timeout)
                 while True:
                     msg = read_frame(conn)
                     rid, op = msg.get("request_id"), self._ops.get(msg.get("op"))
@@ -324,9 +333,10 @@ class TcpTransport:
                 raise KVTransferError(f"KV port refused: {head.get('error')}")
             shape, dtype, parts = _check_head(head, expected_shape, self.codec)
             if parts:  # coded on the wire: decoded here, then copied where it goes
+                dest = into(shape, dtype)  # first: it checks the blocks fit, before memory is taken
                 buf = codecs.receive_buffer(head["nbytes"])
                 self.mover.receive(sock, head, [memoryview(buf.numpy())])
-                codecs.copy_into(codecs.decode_parts(self.codec, buf, parts, shape, dtype), into(shape, dtype))
+                codecs.copy_into(codecs.decode_parts(self.codec, buf, parts, shape, dtype), dest)
             else:
                 views = into(shape, dtype)
                 if sum(v.nbytes for v in views) != head["nbytes"]:

@@ -16,6 +16,7 @@ runs them on its own threads. Every failure is a `KVTransferError`, raised withi
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """`host` is a loopback address (or `localhost`); a name that merely starts like one is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

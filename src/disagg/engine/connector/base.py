@@ -18,6 +18,7 @@ Scheduler side, per request:
     request_finished(seq)               it ended (finished or aborted): whether to hold its blocks
                                         (freed later, when `take_finished` reports them released:
                                         the lease lives here) and kv_transfer_params for the answer
+    release(request_id)                 a held request was abandoned: free its blocks once unread
 
 Worker side, per step:
     start_load()                        before the forward: start the loads planned in this step
@@ -114,6 +115,11 @@ class KVConnector:
     def request_finished(self, seq: Sequence) -> Ending:
         """The request ended (`seq.finish_reason` says how)."""
         return Ending()
+
+    def release(self, request_id: str) -> bool:
+        """A finished request this connector holds blocks for is abandoned (its answer never reached
+        anyone): let them go, once nothing reads them, through `take_finished`. False if not held."""
+        return False
 
     # ---- worker side ----
 

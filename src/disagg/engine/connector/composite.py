@@ -21,9 +21,10 @@ class _Load:
     start: int
     shares: list[tuple[int, int, int]]  # (child, start, count)
     results: dict[int, LoadResult] = field(default_factory=dict)
+    error: str | None = None  # from a child without a share (its source failed as the load was planned)
 
     def combined(self) -> LoadResult:
-        tokens, error, first, via = 0, None, (), []
+        tokens, error, first, via = 0, self.error, (), []
         for child, start, _ in self.shares:
             r = self.results[child]
             error, first = error or r.error, first or r.first_token_ids
@@ -38,6 +39,7 @@ class CompositeConnector(KVConnector):
         self.children = list(children)
         self.prepares = any(c.prepares for c in self.children)
         self._loads: dict[str, _Load] = {}
+        self._nothing: list[str] = []  # loads planned with no share left: done, with nothing loaded
 
     @property
     def notify(self) -> Callable[[], None]:  # type: ignore[override]
@@ -75,6 +77,9 @@ class CompositeConnector(KVConnector):
             at += n
         if shares:
             self._loads[seq.request_id] = _Load(start, shares)
+        elif count:  # every source went away since the scheduler asked: the request must not wait
+            self._nothing.append(seq.request_id)
+            self.notify()
 
     def request_finished(self, seq: Sequence) -> Ending:
         endings = [child.request_finished(seq) for child in self.children]
@@ -99,6 +104,8 @@ class CompositeConnector(KVConnector):
 
     def take_finished(self) -> Finished:
         out = Finished()
+        out.loads.update((rid, LoadResult(0)) for rid in self._nothing)
+        self._nothing.clear()
         for i, child in enumerate(self.children):
             finished = child.take_finished()
             out.released.extend(finished.released)
@@ -107,13 +114,19 @@ class CompositeConnector(KVConnector):
                 if load is None:  # a result outside a planned load (a push that failed early)
                     out.loads[rid] = result
                     continue
+                if all(c != i for c, _, _ in load.shares):  # no share of it: the others' bytes still count
+                    load.error = load.error or result.error
+                    continue
                 load.results[i] = result
                 if len(load.results) == len(load.shares):
                     out.loads[rid] = self._loads.pop(rid).combined()
         return out
 
     def has_finished(self) -> bool:
-        return any(child.has_finished() for child in self.children)
+        return bool(self._nothing) or any(child.has_finished() for child in self.children)
+
+    def release(self, request_id: str) -> bool:
+        return any(child.release(request_id) for child in self.children)
 
     def tick(self, now: float) -> None:
         for child in self.children:

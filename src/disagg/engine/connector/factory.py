@@ -8,6 +8,7 @@ A housekeeping thread ticks the connectors (leases, renewals, push deadlines).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from disagg.engine.llm_engine import LLMEngine
 
 TICK = 0.1  # seconds between housekeeping rounds
+
+log = logging.getLogger("disagg.kv")
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,10 @@ class WorkerConnector(CompositeConnector):
 
     def _keep(self) -> None:
         while not self._stop.wait(TICK):
-            self.tick(time.monotonic())
+            try:
+                self.tick(time.monotonic())
+            except Exception:  # one bad round must not end lease expiry and push deadlines for good
+                log.exception("KV connector housekeeping failed; carrying on")
 
     def close(self) -> None:
         self._stop.set()

@@ -3,7 +3,8 @@
 A held request keeps its blocks (the scheduler keeps it in `held`) until a decode worker has pulled
 them and says release, a push of them is confirmed, or its lease runs out unrenewed. Pulls read the
 blocks from the KV port's threads while the engine runs: a held block's contents never change, and
-an export pins its request so that the lease cannot run out mid-transfer. Releases are queued here
+an export (or a push still sending them) pins its request so that the lease cannot run out
+mid-transfer. Releases are queued here
 and applied by the engine at its next step boundary (it is woken for them).
 """
 
@@ -44,6 +45,16 @@ class HeldKV:
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._held
+
+    def pin(self, request_id: str) -> bool:
+        """Keep a held request's blocks (lease or release notwithstanding) until `export_done`: a
+        push still reading them. False if it is not held."""
+        with self._lock:
+            held = self._held.get(request_id)
+            if held is None or held.releasing:
+                return False
+            held.pins += 1
+        return True
 
     def export(self, request_id: str, from_block: int) -> Exported:
         """The held KV from block `from_block` on: views of the cache itself (CPU) or a copy (GPU)."""

@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from disagg.engine.connector.base import Ending, Finished, KVConnector, KVMetrics, LoadResult, NoMetrics
+from disagg.engine.connector.base import Finished, KVConnector, KVMetrics, LoadResult, NoMetrics
 from disagg.engine.connector.target import LoadTarget
 from disagg.engine.kv_cache import BLOCK_DIM, PagedKVCache
 from disagg.engine.sequence import Sequence
@@ -36,7 +36,6 @@ class PoolConnector(KVConnector):
         self.pool, self.cache = pool, cache
         self.metrics = metrics or NoMetrics()
         self.block_size = cache.block_size
-        self._pooled: dict[str, int] = {}  # request -> leading prompt blocks the pool holds
         self._planned: list[tuple[str, list[bytes], LoadTarget]] = []
         self._done: dict[str, tuple[LoadResult, LoadTarget]] = {}
         self._lock = threading.Lock()
@@ -50,10 +49,14 @@ class PoolConnector(KVConnector):
 
     def prepare(self, seq: Sequence) -> None:
         keys = seq.block_hashes[: seq.num_prompt_tokens // self.block_size]
-        self._pooled[seq.request_id] = self.pool.leading(keys) if keys else 0
+        seq.num_pooled_blocks = self.pool.leading(keys) if keys else 0
 
     def num_loadable_tokens(self, seq: Sequence, computed: int) -> int | None:
-        return max(0, self._pooled.get(seq.request_id, 0) * self.block_size - computed)
+        blocks = seq.num_pooled_blocks
+        if seq.kv is not None and seq.kv.awaits_push:
+            # token 1 comes with the push, so the push must have a share: its last block at least
+            blocks = min(blocks, (seq.num_prompt_tokens - 1) // self.block_size)
+        return max(0, blocks * self.block_size - computed)
 
     def on_allocated(self, seq: Sequence, start: int, count: int) -> None:
         if not count:
@@ -99,9 +102,9 @@ class PoolConnector(KVConnector):
     def step_done(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             full = seq.num_prompt_tokens // self.block_size
-            pooled = self._pooled.get(seq.request_id, full)
+            pooled = seq.num_pooled_blocks
             if pooled < full and not self._remote(seq):
-                self._pooled[seq.request_id] = full  # stored once, even if preempted and recomputed
+                seq.num_pooled_blocks = full  # stored once, even if preempted and recomputed
                 self._store(seq.block_hashes[pooled:full], seq.block_table[pooled:full])
 
     def _store(self, keys: list[bytes], blocks: list[int]) -> None:
@@ -126,10 +129,6 @@ class PoolConnector(KVConnector):
         finally:
             with self._lock:
                 self._pending -= 1
-
-    def request_finished(self, seq: Sequence) -> Ending:
-        self._pooled.pop(seq.request_id, None)
-        return Ending()
 
     def close(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)

@@ -63,7 +63,8 @@ class PullConnector(KVConnector):
     # ---- producer ----
 
     def request_finished(self, seq: Sequence) -> Ending:
-        source = self._sources.pop(seq.request_id, None)
+        with self._lock:
+            source = self._sources.pop(seq.request_id, None)
         if source is not None and not source.loading:  # never pulled (aborted, or cached here after all)
             self._pool.submit(self._release, source)
         kv = seq.kv
@@ -78,6 +79,9 @@ class PullConnector(KVConnector):
             "remote_request_id": seq.request_id, "num_tokens": n, "kv_dtype": str(self.cache.dtype).removeprefix(
                 "torch."), "kv_transport": self.served, "lease_s": self.held.lease,
             "first_token_ids": seq.output_token_ids})
+
+    def release(self, request_id: str) -> bool:
+        return self.held.release(request_id)
 
     # ---- consumer ----
 
@@ -111,18 +115,24 @@ class PullConnector(KVConnector):
         return 0 if source is None or source.loading else max(0, source.num_tokens - computed)
 
     def on_allocated(self, seq: Sequence, start: int, count: int) -> None:
+        first = start // self.block_size
+        target = LoadTarget(self.cache, seq.block_table[first : -(-(start + count) // self.block_size)])
         with self._lock:
             source = self._sources.get(seq.request_id)
-            if source is None or source.loading:
+            if count and (source is None or source.loading):
+                # lost since the scheduler asked (a renewal found the KV gone): a load of nothing, so
+                # that the request, waiting for it, goes on to recompute
+                self._done[seq.request_id] = (LoadResult(0), target)
+                self.notify()
+                return
+            if source is None:
                 return
             if not count:  # held here already: the producer may let go of it now
                 del self._sources[seq.request_id]
                 self._pool.submit(self._release, source)
                 return
             source.loading = True
-        first = start // self.block_size
-        blocks = seq.block_table[first : -(-(start + count) // self.block_size)]
-        self._planned.append((seq.request_id, source, first, LoadTarget(self.cache, blocks), count))
+        self._planned.append((seq.request_id, source, first, target, count))
 
     def start_load(self) -> None:
         planned, self._planned = self._planned, []
@@ -152,7 +162,9 @@ class PullConnector(KVConnector):
         for rid, (result, target) in done.items():
             target.commit(-(-result.tokens // self.block_size))
             finished.loads[rid] = result
-            self._sources.pop(rid, None)
+        with self._lock:
+            for rid in done:
+                self._sources.pop(rid, None)
         return finished
 
     def has_finished(self) -> bool:
@@ -175,13 +187,17 @@ class PullConnector(KVConnector):
         except KVTransferError as e:
             lease = None
             log.warning("could not renew the lease of %s's KV: %s", rid, e)
+        if lease is None:  # the producer let go of it: recompute
+            self._lose(rid, source)
+        else:
+            source.renew_at = time.monotonic() + lease / 3
+
+    def _lose(self, rid: str, source: _Source) -> None:
+        """The KV at `source` is gone (any thread): `rid` will recompute instead of loading it."""
         with self._lock:
-            if lease is None:  # the producer let go of it: recompute
-                if self._sources.get(rid) is source and not source.loading:
-                    del self._sources[rid]
-                    self.metrics.load_failed()
-            else:
-                source.renew_at = time.monotonic() + lease / 3
+            if self._sources.get(rid) is source and not source.loading:
+                del self._sources[rid]
+                self.metrics.load_failed()
 
     def _release(self, source: _Source) -> None:
         try:

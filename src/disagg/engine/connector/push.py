@@ -47,6 +47,7 @@ class Pusher:
         self._first: list[int] | None = None
         self._aborted = False
         self.failed = False
+        self.pinned = False  # the held blocks are pinned for this push until it ends
         self._cond = threading.Condition()
         threading.Thread(target=self._run, args=(transport, address, on_end), name="disagg-kv-push",
                          daemon=True).start()
@@ -56,10 +57,16 @@ class Pusher:
             self.blocks, self._layers_ready = blocks, layer
             self._cond.notify_all()
 
-    def finish(self, first_token_ids: list[int]) -> None:
+    def finish(self, first_token_ids: list[int], pin: Callable[[], bool]) -> bool:
+        """The request ended after token 1: pin its held blocks for the rest of the push and hand
+        token 1 over. False if the push has failed already (nothing to announce)."""
         with self._cond:
+            if self.failed or not pin():
+                return False
+            self.pinned = True
             self._first = first_token_ids
             self._cond.notify_all()
+        return True
 
     def abort(self) -> None:
         with self._cond:
@@ -83,7 +90,8 @@ class Pusher:
         try:
             sent = transport.push(address, self)
         except Exception as e:
-            self.failed = True
+            with self._cond:  # from here on finish() announces nothing
+                self.failed = True
             on_end(self, None, str(e))
         else:
             on_end(self, sent, None)
@@ -141,7 +149,10 @@ class PushConnector(KVConnector):
                                                lambda p, sent, err, rid=seq.request_id: self._pushed(rid, p, sent, err))
 
     def _pushed(self, rid: str, pusher: Pusher, sent: int | None, error: str | None) -> None:
-        """On the pusher's thread: a confirmed push frees the held blocks; a failed one leaves them."""
+        """On the pusher's thread: a confirmed push frees the held blocks; a failed one leaves them
+        held (under a fresh lease) for the proxy's fallback pull."""
+        if pusher.pinned:
+            self.held.export_done(rid, 0)
         if error is not None:
             log.warning("KV push for %s failed: %s; its KV stays held for a pull", rid, error)
             return
@@ -162,10 +173,10 @@ class PushConnector(KVConnector):
         pusher = self._pushers.pop(seq.request_id, None)
         if pusher is None:
             return Ending()
-        if seq.finish_reason != "length" or pusher.failed or seq.request_id not in self.held:
+        if seq.finish_reason != "length" or not pusher.finish(seq.output_token_ids,
+                                                             lambda: self.held.pin(seq.request_id)):
             pusher.abort()  # token 1 ended it, or the push is lost already: no push to announce
             return Ending()
-        pusher.finish(seq.output_token_ids)
         return Ending(params={"push_id": pusher.header.push_id})
 
     # ---- consumer ----
@@ -216,8 +227,12 @@ class PushConnector(KVConnector):
                     slot.num_tokens, slot.digest, self.cache.export_shape(blocks)):
                 self._end(slot, LoadResult(0, error="pushed KV does not match the waiting request (tokens or shape)"))
                 raise KVTransferError("pushed KV does not match the waiting request (tokens, shape or dtype)")
+            try:
+                views = slot.target.views(self.cache.export_shape(len(slot.target.block_ids)), DTYPES[header.dtype])
+            except Exception as e:  # e.g. no memory for a staging buffer: the request must not wait on
+                self._end(slot, LoadResult(0, error=f"cannot receive the pushed KV: {e!r}"))
+                raise KVTransferError(f"cannot receive the pushed KV: {e!r}") from e
             slot.abort = abort
-            views = slot.target.views(self.cache.export_shape(len(slot.target.block_ids)), DTYPES[header.dtype])
             slot.nbytes = sum(v.nbytes for v in views)
             return views, slot.first_block
 
