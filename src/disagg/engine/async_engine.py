@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from disagg.engine.llm_engine import LLMEngine, RequestOutput
+from disagg.engine.llm_engine import INTERNAL_ERROR, KV_TRANSFER_FAILED, LLMEngine, RequestOutput
 from disagg.engine.sampling import SamplingParams
 from disagg.errors import DisaggError
 from disagg.kv.params import KVTransferParams
@@ -39,7 +39,14 @@ class KVLoadError(DisaggError):
     """The KV a request was to receive from elsewhere never arrived (a push that did not come)."""
 
     http_status = 503
-    error_type = "kv_transfer_failed"
+    error_type = KV_TRANSFER_FAILED
+
+
+class RequestComputeError(DisaggError):
+    """The engine could not compute this request (the model failed on it); the others go on."""
+
+    http_status = 500
+    error_type = INTERNAL_ERROR
 
 
 @dataclass(frozen=True)
@@ -73,8 +80,8 @@ class AsyncEngine:
         self._wake.set()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs. Bad input raises here, before anything is queued; so does a
-        request whose KV never came (KVLoadError), before its first token."""
+        """Stream a request's outputs. Bad input raises here, before anything is queued; a request
+        whose KV never came raises KVLoadError, one the model failed on RequestComputeError."""
         if self.error is not None:
             raise EngineDeadError(f"engine stopped: {self.error}")
         seq = self.engine.make_sequence(request.request_id, request.prompt, request.params, request.kv)
@@ -94,7 +101,7 @@ class AsyncEngine:
                     raise item
                 finished = item.finished
                 if item.error is not None:
-                    raise KVLoadError(item.error)
+                    raise (KVLoadError if item.error_type == KV_TRANSFER_FAILED else RequestComputeError)(item.error)
                 if prompt_ids is not None:
                     item.prompt_token_ids, prompt_ids = prompt_ids, None
                 yield item

@@ -11,6 +11,7 @@ drives it (see async_engine.py); `make_sequence` alone may run on any thread.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 import uuid
@@ -25,10 +26,10 @@ from disagg.engine.config import EngineConfig, parse_bytes
 from disagg.engine.connector.base import KVConnector
 from disagg.engine.detokenizer import IncrementalDetokenizer
 from disagg.engine.kv_cache import PagedKVCache
-from disagg.engine.runner import ModelRunner
+from disagg.engine.runner import ModelRunner, StepResult
 from disagg.engine.sampler import TokenLogprob
 from disagg.engine.sampling import SamplingParams
-from disagg.engine.scheduler import Scheduler
+from disagg.engine.scheduler import Scheduler, SchedulerOutput
 from disagg.engine.sequence import Sequence, Status
 from disagg.errors import ConfigError, ContextLengthError, InvalidRequestError
 from disagg.kv.block_hash import chain_hashes
@@ -37,6 +38,9 @@ from disagg.kv.params import KVTransferParams
 from disagg.model.loader import load_model, resolve
 
 IDLE_WAIT = 0.05  # a step that found nothing to do waits this long for something to happen
+KV_TRANSFER_FAILED, INTERNAL_ERROR = "kv_transfer_failed", "internal_error"  # why a request failed
+
+log = logging.getLogger("disagg.engine")
 
 
 @dataclass
@@ -54,7 +58,8 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     kv_transfer_params: dict | None = None  # on the last output: what the KV connector says (prefill)
-    error: str | None = None  # the request failed (its KV never came): finish_reason is abort
+    error: str | None = None  # the request failed: finish_reason is abort, error_type says why
+    error_type: str = ""  # KV_TRANSFER_FAILED (its KV never came) or INTERNAL_ERROR (computing it failed)
     prompt_token_ids: list[int] | None = None  # on the first output a stream yields (async_engine.py)
 
 
@@ -220,15 +225,47 @@ class LLMEngine:
             if not outputs:  # nothing to do until a load, a release or a request comes
                 self.wakeup.wait(IDLE_WAIT)
             return outputs
-        completing = [s for s, n in out.scheduled if s.num_computed_tokens < s.num_prompt_tokens
-                      <= s.num_computed_tokens + n]
-        save = (lambda i: self.connector.save_layer(i, completing)) if self.connector.wants_layers(completing) \
-            else None
-        result = self.runner.execute(out, after_layer=save)
+        result, failed = self._execute(out)
+        completing = self._completing(out)
+        if failed:  # those requests end with the error; the rest of the step stands
+            out.scheduled = [(s, n) for s, n in out.scheduled if s.request_id not in failed]
+            completing = [s for s in completing if s.request_id not in failed]
         self.connector.step_done(completing)
         for seq in self.scheduler.update(out, result.tokens):
             outputs.append(self._process(seq, result.logprobs.get(seq.request_id)))
+        for seq, error in failed.values():
+            if not seq.finished:
+                outputs.append(self._fail(seq, error, INTERNAL_ERROR))
         return outputs
+
+    @staticmethod
+    def _completing(out: SchedulerOutput) -> list[Sequence]:
+        """The step's requests whose prompt it completes."""
+        return [s for s, n in out.scheduled if s.num_computed_tokens < s.num_prompt_tokens <= s.num_computed_tokens + n]
+
+    def _execute(self, out: SchedulerOutput) -> tuple[StepResult, dict[str, tuple[Sequence, str]]]:
+        """Run the step (the connector saves each layer of the prompts it completes); if it fails,
+        run its requests one by one to find those that make it fail (each run writes the same KV into
+        the same slots, so running again is harmless). Returns the results and the failed requests
+        with their errors."""
+        completing = self._completing(out)
+        save = (lambda i: self.connector.save_layer(i, completing)) if self.connector.wants_layers(completing) \
+            else None
+        try:
+            return self.runner.execute(out, after_layer=save), {}
+        except Exception as e:
+            if len(out.scheduled) == 1:
+                seq = out.scheduled[0][0]
+                log.warning("request %s failed in the engine: %r", seq.request_id, e)
+                return StepResult({}, {}), {seq.request_id: (seq, f"the engine could not compute it: {e}")}
+            log.warning("an engine step of %d requests failed (%r): running them one by one", len(out.scheduled), e)
+        tokens, logprobs, failed = {}, {}, {}
+        for seq, n in out.scheduled:
+            one, f = self._execute(SchedulerOutput([(seq, n)]))
+            tokens.update(one.tokens)
+            logprobs.update(one.logprobs)
+            failed.update(f)
+        return StepResult(tokens, logprobs), failed
 
     def _collect_kv(self) -> list[RequestOutput]:
         """Apply what the connector finished since the last step: held blocks released, loads done
@@ -260,11 +297,11 @@ class LLMEngine:
                 failed.append(self._fail(seq, error))
         return failed
 
-    def _fail(self, seq: Sequence, error: str) -> RequestOutput:
+    def _fail(self, seq: Sequence, error: str, kind: str = KV_TRANSFER_FAILED) -> RequestOutput:
         del self._requests[seq.request_id]
         self._end(seq, "abort")
         return RequestOutput(seq.request_id, [], "", True, "abort", num_prompt_tokens=seq.num_prompt_tokens,
-                             error=error)
+                             error=error, error_type=kind)
 
     def _process(self, seq: Sequence, logprob: TokenLogprob | None) -> RequestOutput:
         token = seq.token_ids[-1]

@@ -29,16 +29,23 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p
+        drop[0] = False  # and the best token always: rounding must not leave nothing for a tiny top_p
         logits = logits.clone()
         logits[order[drop]] = float("-inf")
     return logits
 
 
+class NonFiniteLogitsError(FloatingPointError):
+    """The model gave NaN or infinite logits for a request: nothing can be sampled from them."""
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [n, vocab] float32, one row per request."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogitsError("the model produced non-finite logits")
     tokens = logits.argmax(-1)
     for i, p in enumerate(params):
         if p.greedy:

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from disagg.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+# A temperature below this samples greedily (vLLM's rule): dividing logits by less overflows them.
+SAMPLING_EPS = 1e-5
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit seed, as vLLM and the OpenAI API take it
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,9 @@ class SamplingParams:
             raise bad(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise bad(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop strings must be non-empty strings")
         if len(self.stop) > 16:
@@ -47,4 +51,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1

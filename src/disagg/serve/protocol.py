@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from disagg.engine.sampling import MAX_LOGPROBS, SamplingParams
+from disagg.engine.sampling import MAX_LOGPROBS, SEED_RANGE, SamplingParams
 from disagg.errors import InvalidRequestError
 from disagg.kv.params import KVTransferParams
 
@@ -36,7 +36,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     presence_penalty: float = 0.0

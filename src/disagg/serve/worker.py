@@ -136,6 +136,9 @@ class Worker:
         except EngineDeadError as e:
             self.metrics.errors.labels("503").inc()
             yield sse(error_body(str(e), "engine_dead", 503))
+        except DisaggError as e:  # this request failed mid-stream (its KV, the model): the others go on
+            self.metrics.errors.labels(str(e.http_status)).inc()
+            yield sse(error_body(str(e), e.error_type, e.http_status))
         yield SSE_DONE
 
     def _record(self, last: RequestOutput, t0: float, first_time: float | None) -> None:
