@@ -149,8 +149,23 @@ class LLMEngine:
                       kv: KVTransferParams | None = None) -> Sequence:
         """Tokenize and validate a request, all of it, before it touches engine state (any thread)."""
         ids = self.tokenize(prompt)
-        if kv is not None and kv.do_remote_decode:  # prefill for a decode worker: the prompt and token 1
+        if kv is not None and kv.do_remote_decode:  # prefill for a decode worker: the prompt and token 1,
+            # checked against what the decode worker will be asked to generate
+            params = dataclasses.replace(params, max_tokens=kv.decode_max_tokens or 1)
+            self._check_length(ids, params)
             params = dataclasses.replace(params, max_tokens=1)
+        max_tokens = self._check_length(ids, params)
+        if any(t >= self.model_config.vocab_size for t in params.stop_token_ids):
+            raise InvalidRequestError(
+                f"stop_token_ids must be below the vocabulary size {self.model_config.vocab_size}")
+        first = list(kv.first_token_ids or ()) if kv is not None and kv.do_remote_prefill else []
+        self._check_first_tokens(first, max_tokens)
+        seq = Sequence(request_id, ids + first, len(ids), params, max_tokens, kv=kv)
+        seq.block_hashes = chain_hashes(ids, self.config.block_size, self.model_id)
+        return seq
+
+    def _check_length(self, ids: list[int], params: SamplingParams) -> int:
+        """The request's max_tokens, once the prompt and it are known to fit the context."""
         limit = self.max_model_len
         if len(ids) >= limit:
             raise ContextLengthError(f"this model's maximum context length is {limit} tokens, and the prompt has "
@@ -160,14 +175,7 @@ class LLMEngine:
             raise ContextLengthError(f"this model's maximum context length is {limit} tokens, but {len(ids)} prompt "
                                      f"tokens + max_tokens {max_tokens} = {len(ids) + max_tokens}; lower max_tokens "
                                      "or shorten the prompt")
-        if any(t >= self.model_config.vocab_size for t in params.stop_token_ids):
-            raise InvalidRequestError(
-                f"stop_token_ids must be below the vocabulary size {self.model_config.vocab_size}")
-        first = list(kv.first_token_ids or ()) if kv is not None and kv.do_remote_prefill else []
-        self._check_first_tokens(first, max_tokens)
-        seq = Sequence(request_id, ids + first, len(ids), params, max_tokens, kv=kv)
-        seq.block_hashes = chain_hashes(ids, self.config.block_size, self.model_id)
-        return seq
+        return max_tokens
 
     def _check_first_tokens(self, first: Seq[int], max_tokens: int) -> None:
         self._check_ids(first, "first_token_ids")

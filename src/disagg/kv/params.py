@@ -4,7 +4,8 @@ vLLM's fields, with the meaning vLLM gives them, plus our extensions (all option
 proxy and workers interoperate with ours). One typed model, read from the HTTP body by the worker
 and handed to the engine's KV connector as is.
 
-    proxy -> prefill   do_remote_decode (+ push_id, push_host, push_port to push layer by layer)
+    proxy -> prefill   do_remote_decode (+ decode_max_tokens; push_id, push_host, push_port to
+                       push layer by layer)
     prefill -> proxy   do_remote_prefill, remote_engine_id, remote_host, remote_port,
                        remote_block_ids, remote_request_id (+ num_tokens, kv_dtype, kv_transport,
                        first_token_ids, lease_s, and push_id echoed when a push started)
@@ -22,6 +23,9 @@ class KVTransferParams(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     do_remote_decode: bool = False  # proxy -> prefill: compute the prompt and hold its KV
+    # ours, proxy -> prefill: the decode's max_tokens, so a prompt that could not fit it with them is
+    # refused before its prefill is computed
+    decode_max_tokens: int | None = Field(default=None, ge=1)
     do_remote_prefill: bool = False  # proxy -> decode: the KV is on the remote worker below
     remote_engine_id: str | None = Field(default=None, max_length=256)
     remote_host: str | None = Field(default=None, max_length=256)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from disagg.engine.llm_engine import RequestOutput
@@ -82,13 +81,3 @@ class Formatter:
 
 def error_response(status: int, message: str, err_type: str) -> JSONResponse:
     return JSONResponse(error_body(message, err_type, status), status_code=status)
-
-
-def validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        if err.get("type") == "json_invalid":
-            return "request body is not valid JSON"
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-    return "; ".join(parts) or "invalid request"

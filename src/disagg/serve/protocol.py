@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from disagg.engine.sampling import MAX_LOGPROBS, SEED_RANGE, SamplingParams
 from disagg.errors import InvalidRequestError
@@ -25,8 +25,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _check_unicode(value: Any) -> None:
+    """Every string in a request must be encodable (JSON lets a lone surrogate like \\ud800 through;
+    a tokenizer does not). Iterative: a body may be nested as deep as its parser allowed."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"strings must be valid Unicode; found a lone surrogate at position {e.start}") from e
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        _check_unicode(data)
+        return data
 
     model: str | None = Field(default=None, max_length=512)
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)
@@ -142,6 +165,35 @@ def max_tokens_of(body: dict[str, Any], chat: bool) -> Any:
     all read the limit through this."""
     limit = body.get("max_completion_tokens") if chat else None
     return body.get("max_tokens") if limit is None else limit
+
+
+def validation_message(exc: ValidationError | Any) -> str:
+    """One line from a pydantic or FastAPI validation error (both have .errors())."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        if err.get("type") == "json_invalid":
+            return "request body is not valid JSON"
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def refusal(body: dict[str, Any], chat: bool) -> str | None:
+    """Why a client's request is refused before any worker sees it, or None: it must be valid as the
+    workers' own request models read it, and must not carry kv_transfer_params (the proxy's to set:
+    from a client they would make workers hold, reserve or fetch KV on its say-so)."""
+    if "kv_transfer_params" in body:
+        return "kv_transfer_params is set by the proxy, not by clients: send the request without it"
+    try:
+        request = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+        request.sampling_params()
+        if isinstance(request, ChatCompletionRequest):
+            request.chat_messages()
+    except ValidationError as e:
+        return validation_message(e)
+    except InvalidRequestError as e:
+        return str(e)
+    return None
 
 
 # ---- responses ----

@@ -59,7 +59,14 @@ from disagg.kv.tcp import Sessions, TcpTransport
 from disagg.kv.transport import Address
 from disagg.serve.kv_index import KVIndex, KVWatcher
 from disagg.serve.options import ProxyOptions
-from disagg.serve.protocol import SSE_DONE, error_body, max_tokens_of, new_id, sse
+from disagg.serve.protocol import (
+    SSE_DONE,
+    error_body,
+    max_tokens_of,
+    new_id,
+    refusal,
+    sse,
+)
 from disagg.serve.routing import Charges, Placement, RoutingPolicy, estimated_prompt_tokens, make_policy
 from disagg.serve.upstream import (
     ChargedStream,
@@ -118,8 +125,12 @@ class Proxy:
             body = json.loads(await request.body())
         except ValueError:
             return JSONResponse(error_body("request body is not valid JSON"), status_code=400)
+        except RecursionError:
+            return JSONResponse(error_body("request body is nested too deeply"), status_code=400)
         if not isinstance(body, dict):
             return JSONResponse(error_body("request body must be a JSON object"), status_code=400)
+        if refused := refusal(body, path.endswith("chat/completions")):
+            return JSONResponse(error_body(refused), status_code=400)
         charges = Charges(self.policy)
         try:
             response = await self._route(charges, request, path, body)
@@ -181,7 +192,11 @@ class Proxy:
                        kvp: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Phase one: token 1 and the prefill's kv_transfer_params (None when token 1 ended it)."""
         pre_body = {k: v for k, v in body.items() if k not in ("stream_options", "max_completion_tokens")}
-        pre_body |= {"max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True} | kvp}
+        # the decode's token limit goes along, so that a prompt that cannot fit it fails here, not
+        # after its prefill (a vLLM prefill worker ignores the field)
+        limit = max_tokens_of(body, path.endswith("chat/completions"))
+        kvp = {"do_remote_decode": True} | ({"decode_max_tokens": limit} if limit is not None else {}) | kvp
+        pre_body |= {"max_tokens": 1, "stream": False, "kv_transfer_params": kvp}
         placed, resp = await self.up.open(charges, "prefill", path, pre_body, stream=False)
         placed.settle()  # prefill has answered: its part is over
         pre = resp.json()

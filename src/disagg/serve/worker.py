@@ -28,16 +28,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from disagg.engine.async_engine import AsyncEngine, EngineDeadError, EngineRequest
 from disagg.engine.config import EngineConfig
 from disagg.engine.connector.factory import WorkerConnector, make_connector
 from disagg.engine.llm_engine import LLMEngine, RequestOutput
 from disagg.errors import DisaggError, ModelNotFoundError
-from disagg.serve.formatting import Formatter, error_response, validation_message
+from disagg.serve.formatting import Formatter, error_response
 from disagg.serve.metrics import WorkerMetrics
 from disagg.serve.options import ServeOptions
-from disagg.serve.protocol import SSE_DONE, ChatCompletionRequest, CompletionRequest, error_body, new_id, now, sse
+from disagg.serve.protocol import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    new_id,
+    now,
+    sse,
+    validation_message,
+)
 
 log = logging.getLogger("disagg.worker")
 
@@ -187,6 +197,14 @@ def create_app(worker: Worker) -> FastAPI:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         worker.metrics.errors.labels("400").inc()
         return error_response(400, validation_message(exc), "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own (an unreadable body, an unknown route or method), as OpenAI error objects too
+        worker.metrics.errors.labels(str(exc.status_code)).inc()
+        kind = "invalid_request_error" if exc.status_code == 400 else "not_found_error" if exc.status_code == 404 \
+            else "api_error"
+        return error_response(exc.status_code, str(exc.detail), kind)
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:

@@ -186,12 +186,13 @@ class PushConnector(KVConnector):
         slot = _Slot(seq.request_id, seq.num_prompt_tokens, tokens_digest(seq.prompt_token_ids),
                      time.monotonic() + self.wait)
         with self._cond:
-            if pid in self._slots:
-                self._done[seq.request_id] = LoadResult(0, error=f"push {pid} is already awaited by another request")
-            elif self._cancelled.pop(pid, None) is not None:
-                self._done[seq.request_id] = LoadResult(0, error="the proxy cancelled the push")
-            else:
+            error = (f"push {pid} is already awaited by another request" if pid in self._slots
+                     else "the proxy cancelled the push" if self._cancelled.pop(pid, None) is not None else None)
+            if error is None:
                 self._slots[pid] = slot
+            else:  # a failed transfer, counted as one whichever came first, the cancel or the request
+                self.metrics.load_failed()
+                self._done[seq.request_id] = LoadResult(0, error=error)
             self._cond.notify_all()
         self.notify()
 
