@@ -72,6 +72,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     (["generate", "--model", "tiny", "--prompt", "hi", "--temperature", "-1"], "temperature"),
     (["generate", "--model", "tiny", "--prompt", ""], "prompt"),
     (["generate", "--model", "tiny", "--prompt", "hi", "--kv-cache-memory", "lots"], "2GiB"),
+    (["serve", "--model", "tiny", "--kv-host", "0.0.0.0"], "DISAGG_KV_SECRET"),  # no KV port open to all
+    (["up", "--model", "tiny", "--host", "0.0.0.0"], "DISAGG_KV_SECRET"),
 ])
 def test_cli_errors_are_one_line(args, needle):
     r = run_cli(*args)

@@ -424,7 +424,7 @@ def test_a_push_whose_memory_cannot_be_had_fails_its_request(network, monkeypatc
 
 
 def test_loopback_means_a_loopback_address():
-    from disagg.kv.transport import is_loopback
+    from disagg.kv.address import is_loopback
 
     assert all(map(is_loopback, ["127.0.0.1", "127.1.2.3", "localhost", "::1"]))
     assert not any(map(is_loopback, ["127.evil.example", "10.0.0.1", "example.com", "", "0.0.0.0"]))

@@ -217,3 +217,50 @@ def test_a_lookup_does_not_wait_behind_a_slow_write():
     reader.join(10)
     assert not alive, "a lookup waited for another request's write to a slow tier"
     assert found == [data[:1]]
+
+
+def test_the_disk_tier_keeps_its_entries_to_this_user(tmp_path):
+    import stat
+
+    root = tmp_path / "pool"
+    keys, data = blocks(2)
+    KVPool([DiskTier(root, 1 << 20)]).store(keys, data)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    files = list(root.glob("*/*.kv"))
+    assert len(files) == 2
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    assert all(stat.S_IMODE(f.parent.stat().st_mode) == 0o700 for f in files)
+
+
+def test_with_a_secret_a_forged_entry_is_never_loaded(tmp_path):
+    """Someone who can write the directory but lacks the secret rewrites an entry with other KV and
+    a checksum that matches it: read with the secret it is dropped; the untouched one still reads."""
+    from disagg.kv.pool import pack, pool_key
+
+    key = pool_key("cluster secret")
+    keys, data = blocks(2)
+    DiskTier(tmp_path, 1 << 20, key).put(keys[0], data[0])
+    DiskTier(tmp_path, 1 << 20, key).put(keys[1], data[1])
+    forged = next(p for p in tmp_path.glob("*/*.kv") if p.stem == keys[0].hex())
+    forged.write_bytes(pack(b"\x07" * len(data[0])))  # valid as an unkeyed entry
+    reader = DiskTier(tmp_path, 1 << 20, key)
+    assert reader.get(keys[0]) is None
+    assert reader.stats.corrupt == 1
+    assert reader.get(keys[1]) == data[1]
+    assert DiskTier(tmp_path, 1 << 20, pool_key("another secret")).get(keys[1]) is None  # another cluster's
+    assert DiskTier(tmp_path, 1 << 20).get(keys[1]) is None  # keyed entries need the key
+
+
+def test_with_a_secret_redis_entries_are_authenticated(redis_url):
+    import redis as redis_py
+
+    from disagg.kv.pool import pack, pool_key
+
+    key = pool_key("cluster secret")
+    keys, data = blocks(2)
+    writer = RedisTier(redis_url, 1 << 30, namespace="t9:", key=key)
+    writer.put_many(keys, data)
+    redis_py.Redis.from_url(redis_url).set(writer._key(keys[0]), pack(b"\x07" * len(data[0])))  # forged
+    reader = RedisTier(redis_url, 1 << 30, namespace="t9:", key=key)
+    assert reader.get_many(keys) == [None, data[1]]
+    assert reader.stats.corrupt == 1

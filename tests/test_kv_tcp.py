@@ -10,10 +10,11 @@ import torch
 import xxhash
 
 from disagg.kv import nixl
+from disagg.kv.address import Address
 from disagg.kv.framing import KVTransferError, read_frame, send_frame
 from disagg.kv.shm import ShmMover
 from disagg.kv.tcp import Inline, Sessions, TcpPort, TcpTransport
-from disagg.kv.transport import Address, Exported, tensor_bytes
+from disagg.kv.transport import Exported, tensor_bytes
 
 SHAPE = (2, 2, 1, 3, 16, 4)  # layers, K/V, heads, blocks, block size, head dim
 
@@ -316,4 +317,37 @@ def test_a_silent_connection_is_closed_after_its_timeout(secret):
             assert sock.recv(1) == b""  # the port closed it
             assert time.monotonic() - t0 < 5
     finally:
+        port.close()
+
+
+def test_a_flood_of_connections_is_capped():
+    """Idle connections beyond the cap are closed on arrival: a KV port never serves more than
+    max_connections threads, however many a peer opens; those it serves still work."""
+    import socket
+
+    before = threading.active_count()
+    port = TcpPort(Held(), {"tcp": Inline()}, max_connections=8).start("127.0.0.1", 0)
+    socks = []
+    try:
+        for _ in range(100):
+            socks.append(socket.create_connection((port.address.host, port.address.port), timeout=10))
+        for sock in socks[:8]:
+            assert "challenge" in read_frame(sock)  # served
+        for sock in socks[8:]:
+            assert sock.recv(1) == b""  # closed at once
+        assert threading.active_count() <= before + 8 + 1  # the connections' threads and the accept loop
+        assert port.refused == 92
+        for sock in socks[:8]:
+            sock.close()
+        import time
+
+        deadline = time.monotonic() + 10  # their threads see the end of the stream and leave
+        while len(port._conns) >= 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t = TcpTransport(Sessions())
+        assert t.renew(port.address, "r1") == 30.0  # a slot is free again once they have gone
+        t.close()
+    finally:
+        for sock in socks:
+            sock.close()
         port.close()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 
+from disagg.kv.address import Address
 from disagg.kv.framing import KVTransferError
-from disagg.kv.transport import Address, Destination, KVPortHandler, Pulled, PushSource, check_shape, copy_views
+from disagg.kv.transport import Destination, KVPortHandler, Pulled, PushSource, check_shape, copy_views
 
 
 class FakeNetwork:

@@ -15,13 +15,17 @@ Reads walk a prefix: one batched existence check per tier finds the longest run 
 that some tier holds, then each tier is read once for its part, and what slower tiers gave is
 promoted into the faster ones. Writes go through every tier ("through") or into memory only,
 reaching the lower tiers when memory evicts them ("back"). Every stored block carries an XXH3-64
-of its bytes; a corrupt or truncated entry is dropped and counted, never returned. A tier that
+of its bytes, or, where the cluster has a secret (DISAGG_KV_SECRET), a MAC keyed with it, so that
+the disk and Redis tiers load nothing that someone without the secret wrote; a corrupt, truncated
+or unauthenticated entry is dropped and counted, never returned. The disk tier's directory is
+created 0700 and its entries 0600: cached KV reveals the prompts it came from. A tier that
 fails (Redis gone) answers as a miss and counts the error: the pool never fails a request.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import struct
@@ -38,21 +42,33 @@ from disagg.errors import ConfigError
 
 log = logging.getLogger("disagg.kv.pool")
 
-MAGIC = b"DKV1"
-HEADER = struct.Struct("<4sQQ")  # magic, payload length, xxh3 of the payload
+MAGIC, KEYED_MAGIC = b"DKV1", b"DKM1"
+HEADER = struct.Struct("<4sQQ")  # magic, payload length, digest of the payload
 
 
-def pack(data: bytes) -> bytes:
-    return HEADER.pack(MAGIC, len(data), xxhash.xxh3_64_intdigest(data)) + data
+def pool_key(secret: str | None) -> bytes | None:
+    """The key that authenticates pool entries, from the cluster's secret (DISAGG_KV_SECRET)."""
+    return hashlib.sha256(b"disagg kv pool\0" + secret.encode()).digest() if secret else None
 
 
-def unpack(blob: bytes) -> bytes | None:
-    """The payload, or None if the entry is corrupt or truncated."""
+def _digest(data: bytes, key: bytes | None) -> int:
+    if key is None:  # a checksum: catches corruption, not forgery
+        return xxhash.xxh3_64_intdigest(data)
+    # a keyed MAC: an entry written without the key (a tampered file, another cluster's) never reads
+    return int.from_bytes(hashlib.blake2b(data, key=key, digest_size=8).digest(), "little")
+
+
+def pack(data: bytes, key: bytes | None = None) -> bytes:
+    return HEADER.pack(MAGIC if key is None else KEYED_MAGIC, len(data), _digest(data, key)) + data
+
+
+def unpack(blob: bytes, key: bytes | None = None) -> bytes | None:
+    """The payload, or None if the entry is corrupt, truncated, or not written with `key`."""
     if len(blob) < HEADER.size:
         return None
     magic, n, digest = HEADER.unpack_from(blob)
     data = blob[HEADER.size :]
-    if magic != MAGIC or len(data) != n or xxhash.xxh3_64_intdigest(data) != digest:
+    if magic != (MAGIC if key is None else KEYED_MAGIC) or len(data) != n or _digest(data, key) != digest:
         return None
     return data
 
@@ -147,13 +163,18 @@ class MemoryTier(Tier):
 class DiskTier(Tier):
     name = "disk"
 
-    def __init__(self, root: str | Path, budget_bytes: int) -> None:
+    def __init__(self, root: str | Path, budget_bytes: int, key: bytes | None = None) -> None:
+        """`key` (pool_key): authenticate entries, for a directory others can write to."""
         self.root = Path(root)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # cached KV reveals prompts
         except OSError as e:
             raise ConfigError(f"cannot use {self.root} as the KV pool's disk tier: {e.strerror}; "
                               "pass another --kv-pool-dir, or '' for none") from e
+        if self.root.stat().st_mode & 0o077 and key is None:
+            log.warning("the KV pool directory %s is open to other users, whose files it would load: set "
+                        "DISAGG_KV_SECRET to authenticate its entries, or chmod 700 it", self.root)
+        self.key = key
         self.budget = budget_bytes
         self.stats = TierStats()
         self._lock = threading.Lock()  # held for bookkeeping only, never across file I/O
@@ -177,7 +198,7 @@ class DiskTier(Tier):
             with self._lock:
                 self._forget(key.hex())
             return None
-        data = unpack(blob)
+        data = unpack(blob, self.key)
         if data is None:
             self.stats.corrupt += 1
             self.discard(key)
@@ -190,15 +211,15 @@ class DiskTier(Tier):
         return data
 
     def put(self, key: bytes, data: bytes) -> None:
-        blob = pack(data)
+        blob = pack(data, self.key)
         with self._lock:
             if len(blob) > self.budget or key.hex() in self._files:
                 return
         path = self._path(key)
         tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         try:
-            path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 f.write(blob)
             os.replace(tmp, path)  # readers see the old state or the whole new file, never half of it
         except OSError as e:  # a full or read-only disk: counted, the block simply not kept

@@ -66,10 +66,13 @@ class RedisTier(Tier):
 
     name = "redis"
 
-    def __init__(self, url: str, budget_bytes: int, namespace: str = "disagg:kv:", cooldown: float = 5.0) -> None:
+    def __init__(self, url: str, budget_bytes: int, namespace: str = "disagg:kv:", cooldown: float = 5.0,
+                 key: bytes | None = None) -> None:
+        """`key` (kv/pool.py pool_key): authenticate entries, so none written without it is loaded."""
         import redis
 
         self._errors = (redis.RedisError, OSError)
+        self.key = key
         self.budget = budget_bytes
         self.ns = namespace
         self.stats = TierStats()
@@ -125,7 +128,7 @@ class RedisTier(Tier):
         out: list[bytes | None] = []
         used: dict[str, float] = {}
         for k, blob in zip(keys, blobs, strict=True):
-            data = unpack(blob) if blob is not None else None
+            data = unpack(blob, self.key) if blob is not None else None
             if blob is not None and data is None:
                 self.stats.corrupt += 1
                 self.discard(k)
@@ -143,7 +146,7 @@ class RedisTier(Tier):
     def put_many(self, keys: Sequence[bytes], blocks: Sequence[bytes]) -> None:
         if not keys or not self._up():
             return
-        blobs = [pack(d) for d in blocks]
+        blobs = [pack(d, self.key) for d in blocks]
         try:
             added, count, used = self._put(keys=[self._lru, self._bytes, *map(self._key, keys)],
                                            args=[time.time(), *blobs])

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from disagg.kv.address import is_loopback
 from disagg.kv.framing import CHUNK, KVTransferError, checksum, read_frame, send_frame, views_checksum
 from disagg.kv.netem import Pacer
-from disagg.kv.transport import is_loopback
 
 SHM_DIR = "/dev/shm"
 

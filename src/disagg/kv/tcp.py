@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import msgpack
 
 from disagg.kv import codecs, push
+from disagg.kv.address import Address, is_loopback
 from disagg.kv.framing import (
     KVTransferError,
     challenge_mac,
@@ -46,14 +47,12 @@ from disagg.kv.framing import (
 from disagg.kv.netem import Link, Pacer
 from disagg.kv.transport import (
     DTYPES,
-    Address,
     Destination,
     KVPortHandler,
     Pulled,
     PushSource,
     check_shape,
     dtype_name,
-    is_loopback,
     is_shape,
     tensor_bytes,
 )
@@ -64,6 +63,9 @@ MAX_PAYLOAD = 64 << 30
 # the pusher itself gives up after as long). A silent peer costs a thread that long, never for ever.
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 600.0
+# At most this many connections are served at once (a thread each); more are closed on arrival.
+# Each peer keeps a few (kv/tcp.py Sessions: 4 idle per port) plus one per transfer in flight.
+MAX_CONNECTIONS = 256
 
 
 class Mover(Protocol):
@@ -108,9 +110,11 @@ class TcpPort:
 
     def __init__(self, handler: KVPortHandler, movers: dict[str, Mover], secret: str | None = None,
                  link: Link | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
         self.handler, self.movers, self._secret = handler, movers, secret
         self.handshake_timeout, self.idle_timeout = handshake_timeout, idle_timeout
+        self.max_connections = max_connections
+        self.refused = 0  # connections closed on arrival because max_connections were open
         self.link = link or Link()
         self.address = Address("", 0)
         self._sock: socket.socket | None = None
@@ -146,6 +150,14 @@ class TcpPort:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            with self._conns_lock:
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns.add(conn)  # counted from here, before its thread starts
+            if full:
+                self.refused += 1
+                conn.close()
+                continue
             threading.Thread(target=self._serve, args=(conn,), name="disagg-kv-conn", daemon=True).start()
 
     def _authenticated(self, conn: socket.socket) -> bool:
@@ -162,8 +174,6 @@ class TcpPort:
         return False
 
     def _serve(self, conn: socket.socket) -> None:
-        with self._conns_lock:
-            self._conns.add(conn)
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:

@@ -16,7 +16,6 @@ runs them on its own threads. Every failure is a `KVTransferError`, raised withi
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from disagg.kv.address import Address
 from disagg.kv.framing import KVTransferError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -33,29 +33,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def is_loopback(host: str) -> bool:
-    """`host` is a loopback address (or `localhost`); a name that merely starts like one is not."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of `t` (moved to the CPU and made contiguous only if it is not already)."""
     flat = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
     return memoryview(flat.numpy())
-
-
-@dataclass(frozen=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,13 @@ Kept free of heavy imports: the CLI builds its flags from these classes at start
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from disagg.cli_args import described as _help
 from disagg.errors import ConfigError
+from disagg.kv.address import is_loopback
 from disagg.kv.netem import Link
 
 if TYPE_CHECKING:
@@ -30,6 +32,12 @@ def _check_routing(name: str) -> None:
 
     if name not in ROUTING:
         raise ConfigError(f"routing must be one of {', '.join(ROUTING)}, got {name!r}")
+
+
+def _check_kv_bind(flag: str, host: str) -> None:
+    if not is_loopback(host) and not os.environ.get("DISAGG_KV_SECRET"):
+        raise ConfigError(f"--{flag} {host} puts a KV port beyond loopback: set DISAGG_KV_SECRET (every KV peer "
+                          "then proves it knows it), or bind 127.0.0.1")
 
 
 def _check_transport(name: str, codec: str) -> None:
@@ -95,6 +103,7 @@ class ServeOptions:
             raise ConfigError("ports must be in 1-65535 (kv_port 0 picks a free one)")
         if self.kv_lease <= 0:
             raise ConfigError(f"kv_lease must be > 0 seconds, got {self.kv_lease}")
+        _check_kv_bind("kv-host", self.kv_host)
         self.cpu_list()
         self.link()
         _check_transport(self.kv_transport, self.kv_codec)
@@ -107,8 +116,6 @@ class ServeOptions:
 
     def kv_connector(self) -> KVConnectorConfig:
         """The engine's KV connector as these options configure it (DISAGG_KV_SECRET included)."""
-        import os
-
         from disagg.engine.config import parse_bytes
         from disagg.engine.connector.factory import KVConnectorConfig, PoolConfig
 
@@ -213,6 +220,7 @@ class UpOptions:
             raise ConfigError(f"budget must be at least 1 unit, got {self.budget}")
         Link.parse(self.kv_bandwidth, self.kv_latency)
         _check_transport(self.kv_transport, self.kv_codec)
+        _check_kv_bind("host", self.host)  # the workers' KV ports bind it too
         _check_routing(self.routing)
         _check_pool(self.kv_pool_redis, self.kv_pool_memory, self.kv_pool_disk)
         _check_conditional(self.local_prefill_threshold, self.prefill_queue_limit)

@@ -54,9 +54,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from disagg.kv.address import Address
 from disagg.kv.framing import KVTransferError
 from disagg.kv.tcp import Sessions, TcpTransport
-from disagg.kv.transport import Address
 from disagg.serve.kv_index import KVIndex, KVWatcher
 from disagg.serve.options import ProxyOptions
 from disagg.serve.protocol import (

@@ -24,7 +24,7 @@ from disagg.engine.connector.pull import PullConnector
 from disagg.engine.connector.push import PushConnector
 from disagg.kv import nixl
 from disagg.kv.netem import Link
-from disagg.kv.pool import DiskTier, KVPool, MemoryTier, Tier
+from disagg.kv.pool import DiskTier, KVPool, MemoryTier, Tier, pool_key
 from disagg.kv.redis_tier import RedisTier
 from disagg.kv.shm import ShmMover
 from disagg.kv.tcp import Inline, Mover, Sessions, TcpPort, TcpTransport
@@ -47,14 +47,16 @@ class PoolConfig:
     redis_budget: int = 4 << 30
     write: str = "through"  # or "back"
 
-    def tiers(self) -> list[Tier]:
+    def tiers(self, secret: str | None = None) -> list[Tier]:
+        """The tiers; with the cluster's `secret`, the shared ones (disk, Redis) authenticate entries."""
+        key = pool_key(secret)
         tiers: list[Tier] = []
         if self.memory > 0:
             tiers.append(MemoryTier(self.memory))
         if self.directory:
-            tiers.append(DiskTier(Path(self.directory).expanduser(), self.disk))
+            tiers.append(DiskTier(Path(self.directory).expanduser(), self.disk, key))
         if self.redis:
-            tiers.append(RedisTier(self.redis, self.redis_budget))
+            tiers.append(RedisTier(self.redis, self.redis_budget, key=key))
         return tiers
 
 
@@ -146,7 +148,7 @@ def assemble(engine: LLMEngine, cfg: KVConnectorConfig, pulling: dict[str, Trans
     port = open_port(_Port(held, push))
     pull = PullConnector(cache, held, pulling, port.address, cfg.transport, engine.engine_id, bool(cfg.secret),
                          metrics)
-    tiers = cfg.pool.tiers()
+    tiers = cfg.pool.tiers(cfg.secret)
     children: list[KVConnector] = [pull, push]
     if tiers:
         children.insert(0, PoolConnector(KVPool(tiers, policy=cfg.pool.write), cache, metrics))

@@ -25,9 +25,10 @@ from disagg.engine.connector.held import HeldKV
 from disagg.engine.connector.target import LoadTarget
 from disagg.engine.kv_cache import PagedKVCache
 from disagg.engine.sequence import Sequence
+from disagg.kv.address import Address, is_loopback
 from disagg.kv.block_hash import tokens_digest
 from disagg.kv.framing import KVTransferError
-from disagg.kv.transport import Address, Transport, is_loopback
+from disagg.kv.transport import Transport
 
 log = logging.getLogger("disagg.kv.pull")
 
