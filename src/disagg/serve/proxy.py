@@ -57,6 +57,7 @@ from prometheus_client import (
 from disagg.kv.address import Address
 from disagg.kv.framing import KVTransferError
 from disagg.kv.tcp import Sessions, TcpTransport
+from disagg.serve.disconnect import unless_disconnected
 from disagg.serve.kv_index import KVIndex, KVWatcher
 from disagg.serve.options import ProxyOptions
 from disagg.serve.protocol import (
@@ -133,12 +134,16 @@ class Proxy:
             return JSONResponse(error_body(refused), status_code=400)
         charges = Charges(self.policy)
         try:
-            response = await self._route(charges, request, path, body)
+            # a client that leaves before it is answered cancels the work (the workers see the proxy's
+            # connections close and abort theirs); a stream it leaves later ends as streams do
+            answered, response = await unless_disconnected(request, self._route(charges, request, path, body))
         except UpstreamError as e:
-            response = JSONResponse(e.body, status_code=e.status)
+            answered, response = True, JSONResponse(e.body, status_code=e.status)
         except BaseException:
             charges.sweep()
             raise
+        if not answered:
+            response = Response(status_code=499)
         if not isinstance(response, ChargedStream):  # a stream sweeps once it has been sent
             charges.sweep()
         return response

@@ -35,6 +35,7 @@ from disagg.engine.config import EngineConfig
 from disagg.engine.connector.factory import WorkerConnector, make_connector
 from disagg.engine.llm_engine import LLMEngine, RequestOutput
 from disagg.errors import DisaggError, ModelNotFoundError
+from disagg.serve.disconnect import unless_disconnected
 from disagg.serve.formatting import Formatter, error_response
 from disagg.serve.metrics import WorkerMetrics
 from disagg.serve.options import ServeOptions
@@ -242,13 +243,17 @@ def create_app(worker: Worker) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def answer(request: Request, req: CompletionRequest | ChatCompletionRequest, chat: bool) -> Response:
+        answered, response = await unless_disconnected(request, worker.handle(req, chat))
+        return response if answered else Response(status_code=499)  # the client left: its request was aborted
+
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Response:
-        return await worker.handle(req, chat=False)
+    async def completions(request: Request, req: CompletionRequest) -> Response:
+        return await answer(request, req, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest) -> Response:
-        return await worker.handle(req, chat=True)
+    async def chat_completions(request: Request, req: ChatCompletionRequest) -> Response:
+        return await answer(request, req, chat=True)
 
     return app
 
