@@ -35,6 +35,7 @@ from disagg.errors import ConfigError, ContextLengthError, InvalidRequestError
 from disagg.kv.block_hash import chain_hashes
 from disagg.kv.layout import format_bytes
 from disagg.kv.params import KVTransferParams
+from disagg.kv.transport import dtype_name
 from disagg.model.loader import load_model, resolve
 
 IDLE_WAIT = 0.05  # a step that found nothing to do waits this long for something to happen
@@ -126,7 +127,7 @@ class LLMEngine:
     @property
     def dtype_name(self) -> str:
         """The KV cache's dtype as the wire names it: float32, float16, bfloat16."""
-        return str(self.dtype).removeprefix("torch.")
+        return dtype_name(self.dtype)
 
     # ---- requests ----
 
@@ -151,10 +152,9 @@ class LLMEngine:
         ids = self.tokenize(prompt)
         if kv is not None and kv.do_remote_decode:  # prefill for a decode worker: the prompt and token 1,
             # checked against what the decode worker will be asked to generate
-            params = dataclasses.replace(params, max_tokens=kv.decode_max_tokens or 1)
-            self._check_length(ids, params)
+            self._check_length(ids, kv.decode_max_tokens or 1)
             params = dataclasses.replace(params, max_tokens=1)
-        max_tokens = self._check_length(ids, params)
+        max_tokens = self._check_length(ids, params.max_tokens)
         if any(t >= self.model_config.vocab_size for t in params.stop_token_ids):
             raise InvalidRequestError(
                 f"stop_token_ids must be below the vocabulary size {self.model_config.vocab_size}")
@@ -164,13 +164,14 @@ class LLMEngine:
         seq.block_hashes = chain_hashes(ids, self.config.block_size, self.model_id)
         return seq
 
-    def _check_length(self, ids: list[int], params: SamplingParams) -> int:
-        """The request's max_tokens, once the prompt and it are known to fit the context."""
+    def _check_length(self, ids: list[int], max_tokens: int | None) -> int:
+        """`max_tokens` resolved (None: the rest of the context), once the prompt and it are known to
+        fit the context."""
         limit = self.max_model_len
         if len(ids) >= limit:
             raise ContextLengthError(f"this model's maximum context length is {limit} tokens, and the prompt has "
                                      f"{len(ids)}; shorten the prompt")
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
+        max_tokens = max_tokens if max_tokens is not None else limit - len(ids)
         if len(ids) + max_tokens > limit:
             raise ContextLengthError(f"this model's maximum context length is {limit} tokens, but {len(ids)} prompt "
                                      f"tokens + max_tokens {max_tokens} = {len(ids) + max_tokens}; lower max_tokens "

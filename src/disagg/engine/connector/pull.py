@@ -28,7 +28,7 @@ from disagg.engine.sequence import Sequence
 from disagg.kv.address import Address, is_loopback
 from disagg.kv.block_hash import tokens_digest
 from disagg.kv.framing import KVTransferError
-from disagg.kv.transport import Transport
+from disagg.kv.transport import Transport, dtype_name
 
 log = logging.getLogger("disagg.kv.pull")
 
@@ -77,9 +77,8 @@ class PullConnector(KVConnector):
         return Ending(hold=True, params={
             "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
             "remote_host": self.port.host, "remote_port": self.port.port, "remote_block_ids": blocks,
-            "remote_request_id": seq.request_id, "num_tokens": n, "kv_dtype": str(self.cache.dtype).removeprefix(
-                "torch."), "kv_transport": self.served, "lease_s": self.held.lease,
-            "first_token_ids": seq.output_token_ids})
+            "remote_request_id": seq.request_id, "num_tokens": n, "kv_dtype": dtype_name(self.cache.dtype),
+            "kv_transport": self.served, "lease_s": self.held.lease, "first_token_ids": seq.output_token_ids})
 
     def release(self, request_id: str) -> bool:
         return self.held.release(request_id)
@@ -116,21 +115,21 @@ class PullConnector(KVConnector):
         return 0 if source is None or source.loading else max(0, source.num_tokens - computed)
 
     def on_allocated(self, seq: Sequence, start: int, count: int) -> None:
-        first = start // self.block_size
-        target = LoadTarget(self.cache, seq.block_table[first : -(-(start + count) // self.block_size)])
         with self._lock:
             source = self._sources.get(seq.request_id)
-            if count and (source is None or source.loading):
-                # lost since the scheduler asked (a renewal found the KV gone): a load of nothing, so
-                # that the request, waiting for it, goes on to recompute
-                self._done[seq.request_id] = (LoadResult(0), target)
-                self.notify()
-                return
-            if source is None:
+            if source is None and not count:  # nothing of ours (every admitted request comes here)
                 return
             if not count:  # held here already: the producer may let go of it now
                 del self._sources[seq.request_id]
                 self._pool.submit(self._release, source)
+                return
+            first = start // self.block_size
+            target = LoadTarget(self.cache, seq.block_table[first : -(-(start + count) // self.block_size)])
+            if source is None or source.loading:
+                # lost since the scheduler asked (a renewal found the KV gone): a load of nothing, so
+                # that the request, waiting for it, goes on to recompute
+                self._done[seq.request_id] = (LoadResult(0), target)
+                self.notify()
                 return
             source.loading = True
         self._planned.append((seq.request_id, source, first, target, count))
