@@ -264,3 +264,5 @@ def test_with_a_secret_redis_entries_are_authenticated(redis_url):
     reader = RedisTier(redis_url, 1 << 30, namespace="t9:", key=key)
     assert reader.get_many(keys) == [None, data[1]]
     assert reader.stats.corrupt == 1
+    other = RedisTier(redis_url, 1 << 30, namespace="t9:", key=pool_key("another secret"))
+    assert other.get_many([keys[1]]) == [None]  # another cluster's entry: its MAC does not verify
