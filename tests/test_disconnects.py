@@ -17,10 +17,10 @@ def running(c) -> float:
                for u in c.worker_urls().values())
 
 
-def leave_after(url: str, body: dict, seconds: float) -> None:
+def leave_after(url: str, body: dict, seconds: float, headers: dict | None = None) -> None:
     """Send a request and give up on it after `seconds` (the client's own timeout)."""
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(url + "/v1/completions", json=body, timeout=seconds)
+        httpx.post(url + "/v1/completions", json=body, timeout=seconds, headers=headers)
 
 
 @pytest.mark.parametrize("arch", ["single", "disaggregated"])
@@ -28,7 +28,7 @@ def test_a_non_streaming_client_that_leaves_aborts_its_request(arch):
     with start(arch) as c:
         targets = [c.url] + ([next(iter(c.worker_urls().values()))] if arch == "single" else [])
         for url in targets:  # through the proxy, and straight to the worker
-            leave_after(url, LONG, 3.0)
+            leave_after(url, LONG, 3.0, c.worker_headers)
             assert wait_until(lambda: running(c) == 0, timeout=10), (url, running(c))
         assert wait_until(lambda: all_blocks_free(c), timeout=10)
         r = httpx.post(c.url + "/v1/completions", json=LONG | {"max_tokens": 2}, timeout=60)

@@ -96,7 +96,7 @@ def test_hostile_sampling_parameters_never_take_a_worker_down():
                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}]})):
             for extra, status in bodies:
                 for stream in (False, True):
-                    r = httpx.post(url + path, timeout=60, json={
+                    r = httpx.post(url + path, timeout=60, headers=c.worker_headers, json={
                         "model": MODEL, "max_tokens": 3, "stream": stream, **prompt, **extra})
                     assert r.status_code == status, (path, extra, stream, r.text)
                     if status == 200 and stream:
@@ -105,7 +105,8 @@ def test_hostile_sampling_parameters_never_take_a_worker_down():
                     if status == 400:
                         assert r.json()["error"]["type"] == "invalid_request_error"
         assert httpx.get(url + "/health", timeout=5).status_code == 200
-        r = httpx.post(url + "/v1/completions", timeout=60, json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        r = httpx.post(url + "/v1/completions", timeout=60, headers=c.worker_headers,
+                       json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 200
         assert metrics(url)["disagg_kv_blocks_used"] == 0
 

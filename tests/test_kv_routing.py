@@ -34,7 +34,7 @@ def test_prefix_routing_follows_what_a_worker_reports_holding():
         holder_name = sorted(urls)[1]
         holder = urls[holder_name]
         # computed on one replica behind the proxy's back: only the worker's own report can tell
-        r = httpx.post(holder + "/v1/chat/completions", timeout=60, json={
+        r = httpx.post(holder + "/v1/chat/completions", timeout=60, headers=c.worker_headers, json={
             "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}], "max_tokens": 1})
         assert r.status_code == 200
         assert wait_until(lambda: index_blocks(c.url, holder) >= 12)

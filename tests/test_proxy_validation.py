@@ -89,13 +89,13 @@ def test_malformed_bodies_are_a_400_from_proxy_and_worker(disaggregated, raw):
     c = disaggregated
     prefill = next(u for n, u in c.worker_urls().items() if n.startswith("prefill"))
     for url in (c.url, prefill):
-        r = httpx.post(url + "/v1/completions", content=raw, headers={"content-type": "application/json"},
-                       timeout=30)
+        r = httpx.post(url + "/v1/completions", content=raw, timeout=30,
+                       headers={"content-type": "application/json"} | c.worker_headers)
         assert r.status_code == 400, (url, r.text[:300])
         assert r.json()["error"]["type"] == "invalid_request_error"
     chat = '{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}'
     for url in (c.url, prefill):
-        r = httpx.post(url + "/v1/chat/completions", content=chat, headers={"content-type": "application/json"},
-                       timeout=30)
+        r = httpx.post(url + "/v1/chat/completions", content=chat, timeout=30,
+                       headers={"content-type": "application/json"} | c.worker_headers)
         assert r.status_code == 400, (url, r.text[:300])
     assert httpx.post(c.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60).status_code == 200

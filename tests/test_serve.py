@@ -212,7 +212,7 @@ def test_disaggregated_kv_bytes_match_the_size_formula(transport, reference):
 def test_lease_expiry_frees_blocks_decode_never_pulled():
     with start("disaggregated", kv_lease=1.0) as c:
         prefill = next(u for n, u in c.worker_urls().items() if n.startswith("prefill"))
-        r = httpx.post(prefill + "/v1/completions", timeout=60, json={
+        r = httpx.post(prefill + "/v1/completions", timeout=60, headers=c.worker_headers, json={
             "model": MODEL, "prompt": "A prompt whose KV nobody pulls", "max_tokens": 8,
             "kv_transfer_params": {"do_remote_decode": True}})
         assert r.json()["kv_transfer_params"]["remote_block_ids"]
@@ -300,11 +300,11 @@ def test_decode_recomputes_when_the_kv_belongs_to_another_prompt(reference):
     with start("disaggregated") as c:
         prefill = next(u for n, u in c.worker_urls().items() if n.startswith("prefill"))
         decode = next(u for n, u in c.worker_urls().items() if n.startswith("decode"))
-        held = httpx.post(prefill + "/v1/completions", timeout=60, json={
+        held = httpx.post(prefill + "/v1/completions", timeout=60, headers=c.worker_headers, json={
             "model": MODEL, "prompt": PROMPTS[1], "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
         kvp = held.json()["kv_transfer_params"]
         kvp.pop("first_token_ids")
-        r = httpx.post(decode + "/v1/completions", timeout=60, json={
+        r = httpx.post(decode + "/v1/completions", timeout=60, headers=c.worker_headers, json={
             "model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
             "kv_transfer_params": kvp})
         assert r.json()["choices"][0]["text"] == reference[0]  # right answer for its own prompt
@@ -360,8 +360,8 @@ def test_a_push_that_never_comes_does_not_keep_decode_blocks():
         assert metrics(decode)["disagg_kv_pull_failures_total"] == 1
 
 
-def _greedy(url: str, prompt: str) -> dict:
-    return httpx.post(url + "/v1/completions", timeout=60, json={
+def _greedy(url: str, prompt: str, headers: dict | None = None) -> dict:
+    return httpx.post(url + "/v1/completions", timeout=60, headers=headers, json={
         "model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}).json()
 
 
@@ -374,9 +374,9 @@ def test_a_replica_serves_a_prefix_the_other_computed_from_the_shared_pool(tier,
               {"kv_pool_dir": "", "kv_pool_redis": request.getfixturevalue("redis_url")})
     with start("replicated", **shared) as c:
         urls = list(c.worker_urls().values())
-        assert _greedy(urls[0], prompt)["choices"][0]["text"] == expected
+        assert _greedy(urls[0], prompt, c.worker_headers)["choices"][0]["text"] == expected
         assert wait_until(lambda: metrics(urls[0]).get(f'disagg_kv_pool_written_bytes_total{{tier="{tier}"}}', 0) > 0)
-        second = _greedy(urls[1], prompt)
+        second = _greedy(urls[1], prompt, c.worker_headers)
         assert second["choices"][0]["text"] == expected  # the same greedy tokens from pooled KV
         blocks = second["usage"]["prompt_tokens"] // 16  # every full block of the prompt was hit
         m = metrics(urls[1])
@@ -390,10 +390,10 @@ def test_a_restarted_worker_loads_from_its_disk_tier(tmp_path):
     pool = {"kv_pool_dir": str(tmp_path / "pool")}
     with start("single", **pool) as c:
         url = next(iter(c.worker_urls().values()))
-        expected = _greedy(url, prompt)["choices"][0]["text"]
+        expected = _greedy(url, prompt, c.worker_headers)["choices"][0]["text"]
         assert wait_until(lambda: metrics(url).get('disagg_kv_pool_written_bytes_total{tier="disk"}', 0) > 0)
     with start("single", **pool) as c:  # a new process: empty cache and memory tier
         url = next(iter(c.worker_urls().values()))
-        again = _greedy(url, prompt)
+        again = _greedy(url, prompt, c.worker_headers)
         assert again["choices"][0]["text"] == expected
         assert metrics(url)['disagg_kv_pool_hit_blocks_total{tier="disk"}'] == again["usage"]["prompt_tokens"] // 16

@@ -29,3 +29,11 @@ class ModelNotFoundError(DisaggError):
 
 class ConfigError(DisaggError):
     """A configuration value (flag, environment variable or file) is invalid."""
+
+
+class OverloadedError(DisaggError):
+    """The server is at a configured limit (queue, KV held for others): try again shortly."""
+
+    http_status = 503
+    error_type = "service_unavailable"
+    retry_after = 1  # seconds, sent as Retry-After

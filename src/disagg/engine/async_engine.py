@@ -4,8 +4,12 @@ One thread owns the LLMEngine and loops: take commands (add, abort, calls), step
 request's outputs to that request's asyncio queue. Model compute releases the GIL, so an event
 loop serving HTTP stays responsive. A request is validated and tokenized on the caller's side and
 costs the engine thread one command: it is queued at the next step boundary. A caller that stops
-iterating (a client disconnect) aborts its request. If a step fails, every open request gets the
-error and the engine is marked dead.
+iterating (a client disconnect) aborts its request. A step that fails for some requests fails
+those (llm_engine.py); if a step still raises, every open request gets the error, the engine is
+marked dead and `on_dead` is told (the worker then exits, for its supervisor to restart it).
+
+The loop beats once per step: `stalled_for()` says how long it has had work and finished no step,
+which /health reports (a wedged engine answers HTTP as if all were well otherwise).
 
 This is the engine's whole public face for a server: requests in (`EngineRequest`), outputs out,
 and what a server reports about it (tokenizer, limits, stats, prefix-cache events, KV port).
@@ -18,6 +22,7 @@ import concurrent.futures
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -61,8 +66,11 @@ class EngineRequest:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, on_dead: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
+        self._on_dead = on_dead
+        self._beat = time.monotonic()  # when the loop last finished a step or found nothing to do
+        self._idle = True
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake = engine.wakeup  # also set by the KV connector when a load or release finishes
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
@@ -74,6 +82,10 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
+
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work and finished no step (0 when idle or progressing)."""
+        return 0.0 if self._idle else max(0.0, time.monotonic() - self._beat)
 
     def _submit(self, *command: Any) -> None:
         self._commands.put(command)
@@ -184,8 +196,10 @@ class AsyncEngine:
                 except queue.Empty:
                     break
             if not self.engine.has_unfinished():
+                self._idle = True
                 self._wake.wait()
                 self._wake.clear()
+                self._beat, self._idle = time.monotonic(), False
                 continue
             try:
                 outputs = self.engine.step()
@@ -195,7 +209,10 @@ class AsyncEngine:
                 for request_id in list(self._streams):
                     self._deliver(request_id, dead)
                 self._fail_pending(dead)
+                if self._on_dead is not None:
+                    self._on_dead(e)
                 return
+            self._beat = time.monotonic()
             for out in outputs:
                 self._deliver(out.request_id, out)
         self._fail_pending(EngineDeadError("engine shut down"))

@@ -48,6 +48,13 @@ class EngineConfig:
     enable_prefix_caching: bool = field(default=True, metadata=_help("reuse KV blocks of shared prompt prefixes"))
     threads: int | None = field(default=None, metadata=_help("torch threads for this engine (default: torch's)"))
     seed: int = field(default=0, metadata=_help("seed for random weights and for sampling"))
+    max_num_queued_reqs: int = field(default=0, metadata=_help("requests allowed to wait for a slot; more are "
+                                                               "refused with 503 and Retry-After (0: no limit)"))
+    max_num_queued_tokens: int = field(default=0, metadata=_help("prompt tokens allowed to wait for a slot; more "
+                                                                 "are refused with 503 and Retry-After (0: no limit)"))
+    kv_max_held_fraction: float = field(default=0.5, metadata=_help(
+        "most of the KV cache a prefill worker holds for decode workers; a prefill-for-remote request beyond it "
+        "is refused with 503 (1: no cap)"))
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -61,6 +68,10 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be > 1, got {self.max_model_len}")
         if self.threads is not None and self.threads <= 0:
             raise ConfigError(f"threads must be > 0, got {self.threads}")
+        if self.max_num_queued_reqs < 0 or self.max_num_queued_tokens < 0:
+            raise ConfigError("max_num_queued_reqs and max_num_queued_tokens must be >= 0 (0: no limit)")
+        if not 0 < self.kv_max_held_fraction <= 1:
+            raise ConfigError(f"kv_max_held_fraction must be in (0, 1], got {self.kv_max_held_fraction}")
         if parse_bytes(self.kv_cache_memory) <= 0:
             raise ConfigError("kv_cache_memory must be > 0")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

@@ -31,7 +31,7 @@ from disagg.engine.sampler import TokenLogprob
 from disagg.engine.sampling import SamplingParams
 from disagg.engine.scheduler import Scheduler, SchedulerOutput
 from disagg.engine.sequence import Sequence, Status
-from disagg.errors import ConfigError, ContextLengthError, InvalidRequestError
+from disagg.errors import ConfigError, ContextLengthError, InvalidRequestError, OverloadedError
 from disagg.kv.block_hash import chain_hashes
 from disagg.kv.layout import format_bytes
 from disagg.kv.params import KVTransferParams
@@ -187,6 +187,7 @@ class LLMEngine:
         """Queue a request made by `make_sequence`."""
         if seq.request_id in self._requests or seq.request_id in self.scheduler.held:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        self._admit(seq)
         if not seq.prepared:
             self.connector.prepare(seq)
             seq.prepared = True
@@ -305,6 +306,29 @@ class LLMEngine:
             if error and not seq.finished:
                 failed.append(self._fail(seq, error))
         return failed
+
+    def _admit(self, seq: Sequence) -> None:
+        """Refuse a request beyond the configured limits (503 + Retry-After; nothing was allocated):
+        the queue of requests waiting for a slot, their prompt tokens, and the KV held for decode
+        workers (a prefill-for-remote request would add its prompt's blocks to it)."""
+        c, sched = self.config, self.scheduler
+        waiting = list(sched.waiting)
+        if c.max_num_queued_reqs and len(waiting) >= c.max_num_queued_reqs:
+            raise OverloadedError(f"{len(waiting)} requests are already waiting (--max-num-queued-reqs "
+                                  f"{c.max_num_queued_reqs}); retry shortly")
+        queued = sum(s.num_uncomputed_tokens for s in waiting)
+        if c.max_num_queued_tokens and queued + seq.num_tokens > c.max_num_queued_tokens:
+            raise OverloadedError(f"{queued} prompt tokens are already waiting and this request brings "
+                                  f"{seq.num_tokens} (--max-num-queued-tokens {c.max_num_queued_tokens})"
+                                  "; retry shortly")
+        if seq.kv is not None and seq.kv.do_remote_decode and c.kv_max_held_fraction < 1:
+            held = sum(len(s.block_table) for s in sched.held.values())
+            cap = int(c.kv_max_held_fraction * self.block_manager.num_blocks)
+            need = -(-seq.num_tokens // c.block_size)
+            if held and held + need > cap:  # with nothing held, any prompt that fits may go
+                raise OverloadedError(f"{held} KV blocks are held for decode workers and this prompt needs {need} "
+                                      f"more (--kv-max-held-fraction {c.kv_max_held_fraction}: {cap} of "
+                                      f"{self.block_manager.num_blocks}); retry shortly")
 
     def _fail(self, seq: Sequence, error: str, kind: str = KV_TRANSFER_FAILED) -> RequestOutput:
         del self._requests[seq.request_id]

@@ -19,6 +19,14 @@ from disagg.model.attention import AttentionMetadata, SeqSpan, causal_chunk_mask
 from disagg.model.llama import LlamaModel
 
 
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed for output token `position` of a request seeded with `seed` (any int64)."""
+    return ((seed & _MASK64) ^ ((position + 1) * 0x9E3779B97F4A7C15)) & _MASK64
+
+
+_MASK64 = (1 << 64) - 1
+
+
 @dataclass
 class StepResult:
     tokens: dict[str, int]  # request id -> sampled token, for requests that finished their compute
@@ -42,8 +50,10 @@ class ModelRunner:
             return self._default_gen
         gen = self._generators.get(seq.request_id)
         if gen is None:
-            gen = self._generators[seq.request_id] = torch.Generator(device=self.device).manual_seed(seq.params.seed)
-        return gen
+            gen = self._generators[seq.request_id] = torch.Generator(device=self.device)
+        # seeded per output position, so a request continued elsewhere (token 1 from a prefill worker,
+        # a stream migrated to another worker) draws what it would have drawn here
+        return gen.manual_seed(position_seed(seq.params.seed, seq.num_output_tokens))
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)

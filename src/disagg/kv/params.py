@@ -33,7 +33,8 @@ class KVTransferParams(BaseModel):
     remote_block_ids: list[int] | None = Field(default=None, max_length=1_000_000)
     remote_request_id: str | None = Field(default=None, max_length=256)
     num_tokens: int | None = Field(default=None, ge=1)  # ours: prompt tokens the KV covers
-    first_token_ids: list[int] | None = Field(default=None, max_length=16)  # ours: tokens already sampled
+    first_token_ids: list[int] | None = Field(default=None, max_length=1_000_000)  # ours: tokens already sampled
+    #   (token 1 from prefill; every token streamed so far when the proxy migrates a request)
     kv_dtype: str | None = Field(default=None, max_length=16)  # ours: dtype of the held KV
     kv_transport: Literal["tcp", "shm", "nixl"] = "tcp"  # ours: how to pull it
     lease_s: float | None = Field(default=None, gt=0)  # ours: how long prefill holds it unless renewed

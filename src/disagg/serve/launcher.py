@@ -3,8 +3,14 @@
 Units of the budget are CPU cores (or GPUs on CUDA). single uses one unit, single-all one worker
 on every unit, replicated one worker per unit, disaggregated splits the units between prefill and
 decode workers. Each worker is pinned to its units with its thread count to match. The launcher
-waits for every /health, then starts the proxy, and stops everything on Ctrl-C, SIGTERM, or when
-any process dies; children also die with the launcher (PR_SET_PDEATHSIG), so none is orphaned.
+waits for every /health, then starts the proxy, and stops everything on Ctrl-C or SIGTERM;
+children also die with the launcher (PR_SET_PDEATHSIG), so none is orphaned.
+
+Supervision: a worker (or the proxy) that exits, for instance because its engine died, is started
+again on the same port after a back-off (1 s, doubling to 30 s while it keeps dying young); the
+proxy's circuit breaker takes a worker back once its /health answers. The workers get an API key
+of their own (generated, given to the proxy through its environment), so nothing but the proxy
+can drive them; clients of the proxy need --api-key when one is set.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ import contextlib
 import ctypes
 import dataclasses
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +100,7 @@ def plan(opts: UpOptions, engine: EngineConfig) -> tuple[list[ProcSpec], ProcSpe
         groups = [("prefill", [u]) for u in units[:p]] + [("decode", [u]) for u in units[p : p + d]]
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("DISAGG_") or k == "DISAGG_KV_SECRET"
                 or k == "DISAGG_CACHE_DIR"}
+    worker_key = secrets.token_urlsafe(24)  # keys travel in the environment, not argv (ps shows argv)
     for f in dataclasses.fields(EngineConfig):
         value = getattr(engine, f.name)
         if value is not None and f.name != "threads":
@@ -99,8 +108,9 @@ def plan(opts: UpOptions, engine: EngineConfig) -> tuple[list[ProcSpec], ProcSpe
     workers = []
     for i, (role, group) in enumerate(groups):
         port = free_port(opts.host)
-        env = dict(base_env)
+        env = base_env | {env_name("api_key"): worker_key}
         argv = [sys.executable, "-m", "disagg.cli", "serve", "--role", role, "--host", opts.host, "--port", str(port),
+                "--stall-timeout", str(opts.stall_timeout),
                 "--kv-host", opts.host, "--kv-lease", str(opts.kv_lease), "--kv-transport", opts.kv_transport,
                 "--kv-codec", opts.kv_codec, "--kv-pool-memory", opts.kv_pool_memory,
                 "--kv-pool-disk", opts.kv_pool_disk]
@@ -116,7 +126,7 @@ def plan(opts: UpOptions, engine: EngineConfig) -> tuple[list[ProcSpec], ProcSpe
         workers.append(ProcSpec(f"{role}-{i}", role, argv, opts.host, port, env, f"{kind} {','.join(map(str, group))}"))
     proxy_argv = [sys.executable, "-m", "disagg.cli", "proxy", "--host", opts.host, "--port", str(opts.port),
                   "--routing", opts.routing, "--local-prefill-threshold", str(opts.local_prefill_threshold),
-                  "--prefill-queue-limit", str(opts.prefill_queue_limit)]
+                  "--prefill-queue-limit", str(opts.prefill_queue_limit), *opts.argv()]
     if opts.arch == "disaggregated":
         proxy_argv += ["--mode", "disaggregated"]
         for w in workers:
@@ -128,7 +138,9 @@ def plan(opts: UpOptions, engine: EngineConfig) -> tuple[list[ProcSpec], ProcSpe
         for w in workers:
             proxy_argv += ["--worker", w.url]
     usage = ", ".join(f"{w.name} on {w.units}" for w in workers)
-    return workers, ProcSpec("proxy", "proxy", proxy_argv, opts.host, opts.port, base_env), usage
+    proxy_env = base_env | {env_name("worker_api_key"): worker_key} | (
+        {env_name("api_key"): opts.api_key} if opts.api_key else {})
+    return workers, ProcSpec("proxy", "proxy", proxy_argv, opts.host, opts.port, proxy_env), usage
 
 
 def _die_with_parent() -> None:
@@ -145,16 +157,24 @@ class Cluster:
         self.log_dir = Path(opts.log_dir or tempfile.mkdtemp(prefix="disagg-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[str, int] = {}  # name -> times started again
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         return self.proxy_spec.url
 
+    @property
+    def worker_headers(self) -> dict[str, str]:
+        """What a client that talks to the workers directly (a test, an operator) must send."""
+        return {"Authorization": f"Bearer {self.workers[0].env[env_name('api_key')]}"}
+
     def worker_urls(self) -> dict[str, str]:
         return {w.name: w.url for w in self.workers}
 
     def _spawn(self, spec: ProcSpec) -> None:
-        log = open(self.log_dir / f"{spec.name}.log", "wb")  # noqa: SIM115 - owned by the child for its life
+        log = open(self.log_dir / f"{spec.name}.log", "ab")  # noqa: SIM115 - owned by the child for its life
         self.procs[spec.name] = subprocess.Popen(spec.argv, env=spec.env, stdout=log, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         log.close()
@@ -193,12 +213,40 @@ class Cluster:
         except BaseException:
             self.stop()
             raise
+        if self.opts.restart:
+            self._supervisor = threading.Thread(target=self._supervise, name="disagg-supervisor", daemon=True)
+            self._supervisor.start()
         return self
+
+    def _supervise(self) -> None:
+        """Start again whatever exits, after a back-off that doubles while it keeps dying young."""
+        specs = {s.name: s for s in (*self.workers, self.proxy_spec)}
+        backoff = dict.fromkeys(specs, 1.0)
+        due: dict[str, float] = {}
+        started = dict.fromkeys(specs, time.monotonic())
+        while not self._stopping.wait(0.2):
+            for name in self.dead():
+                if name not in due:
+                    if time.monotonic() - started[name] > 60:
+                        backoff[name] = 1.0  # it had been up a while: not a crash loop
+                    due[name] = time.monotonic() + backoff[name]
+                    print(f"disagg up: {name} exited with status {self.procs[name].returncode} "
+                          f"({self.log_tail(name, 2)}); restarting in {backoff[name]:.0f} s", file=sys.stderr,
+                          flush=True)
+                elif time.monotonic() >= due[name]:
+                    del due[name]
+                    self._spawn(specs[name])
+                    started[name] = time.monotonic()
+                    self.restarts[name] = self.restarts.get(name, 0) + 1
+                    backoff[name] = min(30.0, backoff[name] * 2)
 
     def dead(self) -> list[str]:
         return [name for name, p in self.procs.items() if p.poll() is not None]
 
     def stop(self, grace: float = 10.0) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -234,7 +282,7 @@ def up(opts: UpOptions, engine: EngineConfig) -> int:
     print(f"disagg up: ready at {cluster.url}/v1 (model {engine.model}); Ctrl-C stops it", flush=True)
     try:
         while not stopping:
-            if dead := cluster.dead():
+            if not opts.restart and (dead := cluster.dead()):
                 print(f"disagg up: {dead[0]} died: {cluster.log_tail(dead[0])}", file=sys.stderr, flush=True)
                 return 1
             time.sleep(0.5)

@@ -4,6 +4,7 @@ Kept free of heavy imports: the CLI builds its flags from these classes at start
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -65,7 +66,55 @@ def _check_conditional(threshold: int, queue_limit: int) -> None:
 
 
 @dataclass(frozen=True)
-class ServeOptions:
+class WorkerWatch:
+    """Worker settings `disagg up` passes on to its workers (one definition for both commands)."""
+
+    stall_timeout: float = field(default=60.0, metadata=_help(
+        "seconds the engine may have work and finish no step before /health reports it unhealthy"))
+
+    def __post_init__(self) -> None:
+        if self.stall_timeout <= 0:
+            raise ConfigError(f"stall_timeout must be > 0 seconds, got {self.stall_timeout}")
+
+
+@dataclass(frozen=True)
+class Resilience:
+    """How the proxy bounds, judges and moves requests (shared by `proxy` and `up`)."""
+
+    connect_timeout: float = field(default=5.0, metadata=_help("seconds to connect to a worker"))
+    prefill_timeout: float = field(default=300.0, metadata=_help(
+        "seconds to wait for a prefill worker's answer (its token 1)"))
+    first_token_timeout: float = field(default=300.0, metadata=_help(
+        "seconds to wait for a worker's first streamed token (decode, or a whole request)"))
+    stream_idle_timeout: float = field(default=30.0, metadata=_help(
+        "most seconds between two chunks of a worker's stream"))
+    timeout: float = field(default=600.0, metadata=_help("seconds to wait for a worker's whole non-streamed answer"))
+    migration_limit: int = field(default=3, metadata=_help(
+        "times a request may move to another worker when its worker dies or hangs (0: never)"))
+    health_interval: float = field(default=1.0, metadata=_help("seconds between the proxy's /health probes of a "
+                                                               "worker"))
+    health_timeout: float = field(default=3.0, metadata=_help("a /health probe slower than this fails"))
+    breaker_threshold: int = field(default=3, metadata=_help(
+        "failures in a row (probes, connections) that take a worker out of rotation"))
+    breaker_cooldown: float = field(default=5.0, metadata=_help(
+        "seconds before a worker out of rotation gets one trial request (half-open)"))
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout", "prefill_timeout", "first_token_timeout", "stream_idle_timeout", "timeout",
+                     "health_interval", "health_timeout", "breaker_cooldown"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.migration_limit < 0 or self.breaker_threshold < 1:
+            raise ConfigError("migration_limit must be >= 0 and breaker_threshold >= 1")
+
+    def argv(self) -> list[str]:
+        """These settings as proxy flags."""
+        return [a for f in dataclasses.fields(Resilience) for a in (f"--{f.name.replace('_', '-')}",
+                                                                   str(getattr(self, f.name)))]
+
+
+@dataclass(frozen=True)
+class ServeOptions(WorkerWatch):
     """the worker (each flag also reads DISAGG_<FLAG> from the environment)"""
 
     host: str = field(default="127.0.0.1", metadata=_help("HTTP bind address"))
@@ -94,9 +143,12 @@ class ServeOptions:
     cpus: str | None = field(default=None, metadata=_help("pin to these CPU cores, e.g. 0,1 or 2-3 (threads default "
                                                           "to their count)"))
     served_model_name: str | None = field(default=None, metadata=_help("model name clients use (default: --model)"))
+    api_key: str | None = field(default=None, metadata=_help("clients must send Authorization: Bearer KEY (every "
+                                                             "route but /health and /metrics)"))
     log_level: str = field(default="warning", metadata=_help("uvicorn log level"))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if not 0 < self.port < 65536 or not 0 <= self.kv_port < 65536:
@@ -138,7 +190,7 @@ class ServeOptions:
 
 
 @dataclass(frozen=True)
-class ProxyOptions:
+class ProxyOptions(Resilience):
     """the proxy (each flag also reads DISAGG_<FLAG> from the environment)"""
 
     mode: str = field(default="single", metadata=_help("single, replicated or disaggregated"))
@@ -161,10 +213,14 @@ class ProxyOptions:
     prefill_queue_limit: int = field(default=0, metadata=_help(
         "disaggregated: when every prefill worker has this many requests in flight, decode workers prefill "
         "locally (0: no limit)"))
-    timeout: float = field(default=600.0, metadata=_help("seconds to wait for a worker's answer"))
+    api_key: str | None = field(default=None, metadata=_help("clients must send Authorization: Bearer KEY (every "
+                                                             "route but /health and /metrics)"))
+    worker_api_key: str | None = field(default=None, metadata=_help("the key the proxy sends to workers started "
+                                                                    "with --api-key"))
     log_level: str = field(default="warning", metadata=_help("uvicorn log level"))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _check_routing(self.routing)
@@ -181,7 +237,7 @@ class ProxyOptions:
 
 
 @dataclass(frozen=True)
-class UpOptions:
+class UpOptions(Resilience, WorkerWatch):
     """the local cluster (each flag also reads DISAGG_<FLAG> from the environment)"""
 
     arch: str = field(default="single", metadata=_help("single, replicated, disaggregated, or single-all (one "
@@ -212,8 +268,14 @@ class UpOptions:
     kv_pool_redis: str | None = field(default=None, metadata=_help("KV pool Redis tier URL shared by the workers"))
     startup_timeout: float = field(default=300.0, metadata=_help("seconds to wait for every worker's /health"))
     log_dir: str | None = field(default=None, metadata=_help("where worker logs go (default: a temporary folder)"))
+    api_key: str | None = field(default=None, metadata=_help("clients of the proxy must send Authorization: Bearer "
+                                                             "KEY (the workers always get a key of their own)"))
+    restart: bool = field(default=True, metadata=_help("restart a worker (or the proxy) that exits, with back-off "
+                                                       "(off: stop the cluster)"))
 
     def __post_init__(self) -> None:
+        Resilience.__post_init__(self)
+        WorkerWatch.__post_init__(self)
         if self.arch not in ARCHS:
             raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.budget < 1:

@@ -21,8 +21,13 @@ against load. Conditional disaggregation: a request whose uncached prompt part i
 --prefill-queue-limit requests in flight, goes straight to a decode worker, which prefills it
 itself (no KV moves). /metrics counts requests by the path they took.
 
-A worker that refuses connections is skipped for a few seconds and the request goes to the next
-one; a worker that dies mid-stream ends the client's stream with an error event, never a hang.
+Failures (serve/breaker.py, serve/relay.py): every phase has a deadline (connect, prefill's
+answer, a stream's first token, the gap between chunks, a whole answer); each worker has a circuit
+breaker fed by /health probes and by requests, so a worker that hangs or dies is out of rotation
+within seconds and what was in flight on it fails at once. A request whose worker fails moves:
+a prefill to another prefill worker (or to a decode worker, which prefills itself), a stream to
+another worker with the tokens already streamed, up to --migration-limit times; then the client
+gets an error (502, or 504 for a deadline), never a hang.
 
 Every worker a routing policy picks for a client request is charged to that request's `Charges`
 (serve/routing.py): settled where the proxy knows a phase ended (prefill answered, a decode stream
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -57,27 +63,21 @@ from prometheus_client import (
 from disagg.kv.address import Address
 from disagg.kv.framing import KVTransferError
 from disagg.kv.tcp import Sessions, TcpTransport
+from disagg.serve.breaker import Prober, WorkerFailed
 from disagg.serve.disconnect import unless_disconnected
+from disagg.serve.guard import Guard
 from disagg.serve.kv_index import KVIndex, KVWatcher
 from disagg.serve.options import ProxyOptions
 from disagg.serve.protocol import (
-    SSE_DONE,
     error_body,
     max_tokens_of,
     new_id,
     refusal,
     sse,
 )
+from disagg.serve.relay import Mover, Opened
 from disagg.serve.routing import Charges, Placement, RoutingPolicy, estimated_prompt_tokens, make_policy
-from disagg.serve.upstream import (
-    ChargedStream,
-    Upstream,
-    UpstreamError,
-    first_chunk,
-    passthrough,
-    prepend_first,
-    whole_answer,
-)
+from disagg.serve.upstream import ChargedStream, Upstream, UpstreamError, first_chunk, prepend_first, whole_answer
 
 log = logging.getLogger("disagg.proxy")
 disable_created_metrics()  # the *_created series only add noise to a scrape
@@ -98,17 +98,28 @@ class Proxy:
         # decode URL -> its KV address, so a push need not wait for /health; read again whenever a
         # push there did not start or failed (a restarted worker has a new port)
         self._kv_addresses: dict[str, tuple[str, int]] = {}
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(opts.timeout, connect=5.0),
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
-        self.up = Upstream(self.client, self.pools())
+        # each phase is bounded by its own deadline (Upstream, Mover); the client's read timeout only
+        # backs them up
+        read = max(opts.timeout, opts.prefill_timeout, opts.first_token_timeout, opts.stream_idle_timeout)
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(read, connect=opts.connect_timeout),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            headers={"Authorization": f"Bearer {opts.worker_api_key}"} if opts.worker_api_key else None)
+        self.up = Upstream(self.client, self.pools(), opts)
         self.watcher: KVWatcher | None = None
+        self.prober = Prober(self.up.breaker, self.client, self.workers(), opts.health_interval, opts.health_timeout)
+
+    def workers(self) -> list[str]:
+        return list(dict.fromkeys(w for pool in self.pools().values() for w in pool))
 
     async def start(self) -> None:
+        self.prober.start()
         if self.opts.routing == "prefix" or self.opts.local_prefill_threshold:
-            self.watcher = KVWatcher(self.index, self.client, [w for pool in self.pools().values() for w in pool])
+            self.watcher = KVWatcher(self.index, self.client, self.workers())
             self.watcher.start()
 
     async def close(self) -> None:
+        await self.prober.stop()
         if self.watcher is not None:
             await self.watcher.stop()
         await self.client.aclose()
@@ -138,7 +149,9 @@ class Proxy:
             # connections close and abort theirs); a stream it leaves later ends as streams do
             answered, response = await unless_disconnected(request, self._route(charges, request, path, body))
         except UpstreamError as e:
-            answered, response = True, JSONResponse(e.body, status_code=e.status)
+            answered, response = True, JSONResponse(e.body, status_code=e.status, headers=e.headers)
+        except WorkerFailed as e:
+            answered, response = True, JSONResponse(error_body(str(e), e.error_type, e.status), status_code=e.status)
         except BaseException:
             charges.sweep()
             raise
@@ -168,8 +181,8 @@ class Proxy:
         None when remote prefill pays. The uncached part is judged on the decode worker that holds
         most of the prompt, and that is the worker the request then goes to."""
         o = self.opts
-        decodes = self.up.health.healthy(o.decode) or list(o.decode)
-        prefills = self.up.health.healthy(o.prefill) or list(o.prefill)
+        decodes = self.up.healthy(o.decode)
+        prefills = self.up.healthy(o.prefill)
         if o.prefill_queue_limit and all(self.up.prefilling.get(w, 0) >= o.prefill_queue_limit for w in prefills):
             return charges.select("decode", decodes, body)
         if not o.local_prefill_threshold:
@@ -185,30 +198,66 @@ class Proxy:
             return None
         return charges.select("decode", [best], body)  # the policy still counts it
 
+    def _mover(self, charges: Charges, path: str, body: dict[str, Any], first: str,
+               generated: list[int] | None = None, kvp: dict[str, Any] | None = None) -> Mover:
+        """How this request moves when its worker fails: within its pool, then (disaggregated) to
+        the other kind of worker; a prefill worker's KV held for it is released on the move."""
+        if self.opts.mode != "disaggregated":
+            pools: tuple[str, ...] = ("workers",)
+        else:
+            pools = ("decode", "prefill") if first == "decode" else ("prefill", "decode")
+        return Mover(self.up, charges, path, body, pools, generated,
+                     on_leave=(lambda: self._release(kvp)) if kvp is not None else None)
+
     async def _forward(self, charges: Charges, pool: str, path: str, body: dict[str, Any],
                        only: Placement | None = None) -> Response:
         stream = bool(body.get("stream"))
-        placed, resp = await self.up.open(charges, pool, path, body, stream, only=only)
+        mover = self._mover(charges, path, body, pool)
+        send = body | {"return_token_ids": True} if stream else body  # ids let a stream move (serve/relay.py)
+        opened = functools.partial(self.up.open, charges, pool, path, send, stream, only=only)
         if stream:
-            return ChargedStream(passthrough(placed, resp), charges)
-        return Response(resp.content, media_type="application/json")
+            return ChargedStream(mover.stream(opened), charges)
+        return Response((await mover.whole(opened)).content, media_type="application/json")
 
     async def _prefill(self, charges: Charges, path: str, body: dict[str, Any],
                        kvp: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Phase one: token 1 and the prefill's kv_transfer_params (None when token 1 ended it)."""
+        """Phase one: token 1 and the prefill's kv_transfer_params (None when token 1 ended it). A
+        prefill worker that fails is replaced by another while moves are left (WorkerFailed, or a
+        503 when every prefill worker is at its limits, for the caller to prefill on decode)."""
         pre_body = {k: v for k, v in body.items() if k not in ("stream_options", "max_completion_tokens")}
         # the decode's token limit goes along, so that a prompt that cannot fit it fails here, not
         # after its prefill (a vLLM prefill worker ignores the field)
         limit = max_tokens_of(body, path.endswith("chat/completions"))
         kvp = {"do_remote_decode": True} | ({"decode_max_tokens": limit} if limit is not None else {}) | kvp
         pre_body |= {"max_tokens": 1, "stream": False, "kv_transfer_params": kvp}
-        placed, resp = await self.up.open(charges, "prefill", path, pre_body, stream=False)
+        failed: set[str] = set()
+        while True:
+            try:
+                placed, resp = await self.up.open(charges, "prefill", path, pre_body, stream=False, exclude=failed)
+                break
+            except WorkerFailed as e:
+                failed.add(e.worker)
+                if charges.migrations >= self.opts.migration_limit or not set(self.opts.prefill) - failed:
+                    raise
+                charges.migrations += 1
+                log.warning("%s; prefill moves to another prefill worker", e)
         placed.settle()  # prefill has answered: its part is over
         pre = resp.json()
         return pre, pre.pop("kv_transfer_params", None)
 
     async def _two_phase(self, charges: Charges, request: Request, path: str, body: dict[str, Any]) -> Response:
-        pre, kvp = await self._prefill(charges, path, body, {})
+        try:
+            pre, kvp = await self._prefill(charges, path, body, {})
+        except (WorkerFailed, UpstreamError) as e:
+            if isinstance(e, UpstreamError) and e.status not in (502, 503):  # the request's own fault
+                raise
+            if isinstance(e, WorkerFailed):  # a prefill worker had it and failed: that is a move
+                if charges.migrations >= self.opts.migration_limit:
+                    raise
+                charges.migrations += 1
+            log.warning("no prefill worker could take it (%s); the decode worker prefills it", e)
+            self.routed.labels("local_prefill").inc()
+            return await self._forward(charges, "decode", path, body)
         return await self._decode_phase(charges, request, path, body, pre, kvp)
 
     async def _decode_phase(self, charges: Charges, request: Request, path: str, body: dict[str, Any],
@@ -220,31 +269,29 @@ class Proxy:
         if await request.is_disconnected():
             await self._release(kvp)
             return Response(status_code=499)
-        if not self.opts.stream_first_token:
+        first = self.opts.stream_first_token
+        if not first:
             kvp = {k: v for k, v in kvp.items() if k != "first_token_ids"}
-        dec_body = body | {"kv_transfer_params": kvp}
         stream = bool(body.get("stream"))
-        if stream and self.opts.stream_first_token:
-            # token 1 goes out now; decode (KV pull included) runs while the client reads it
-            return ChargedStream(self._first_then_decode(
-                lambda: self.up.open(charges, "decode", path, dec_body, stream=True), kvp, first_chunk(pre, chat)),
-                charges)
+        dec_body = body | {"kv_transfer_params": kvp} | ({"return_token_ids": True} if stream else {})
+        mover = self._mover(charges, path, body, "decode", kvp.get("first_token_ids") if first else None, kvp)
+        opened = functools.partial(self.up.open, charges, "decode", path, dec_body, stream)
+        if stream:
+            # with token 1 from prefill, it goes out now; decode (KV pull included) runs while the client reads it
+            return ChargedStream(self._then(mover, opened, kvp, first_chunk(pre, chat) if first else None), charges)
         try:
-            placed, dresp = await self.up.open(charges, "decode", path, dec_body, stream)
+            answer = (await mover.whole(opened)).json()
         except UpstreamError:
             await self._release(kvp)
             raise
-        if stream:
-            return ChargedStream(passthrough(placed, dresp), charges)
-        answer = dresp.json()
-        if self.opts.stream_first_token:
+        if first:
             prepend_first(answer, pre, chat)
         return JSONResponse(answer)
 
     async def _two_phase_push(self, charges: Charges, request: Request, path: str, body: dict[str, Any]) -> Response:
         """Decode worker first, waiting for a push; then prefill, pushing to it as it computes."""
         decodes = self.opts.decode
-        placed = charges.select("decode", self.up.health.healthy(decodes) or list(decodes), body)
+        placed = charges.select("decode", self.up.healthy(decodes), body)
         try:
             address = self._kv_addresses.get(placed.worker) or await self._read_kv_address(placed.worker)
         except (httpx.HTTPError, KeyError, TypeError, ValueError) as e:
@@ -252,12 +299,21 @@ class Proxy:
             placed.settle()  # not used: the pull places the request afresh
             return await self._two_phase(charges, request, path, body)
         push_id = new_id("push")
-        dec_body = body | {"kv_transfer_params": {"do_remote_prefill": True, "push_id": push_id}}
+        stream = bool(body.get("stream"))
+        dec_body = body | {"kv_transfer_params": {"do_remote_prefill": True, "push_id": push_id}} | (
+            {"return_token_ids": True} if stream else {})
         push = _Push(placed, address, push_id, asyncio.create_task(
-            self.up.open(charges, "decode", path, dec_body, bool(body.get("stream")), only=placed)))
+            self.up.open(charges, "decode", path, dec_body, stream, only=placed)))
         try:
             pre, kvp = await self._prefill(charges, path, body, {"push_id": push_id, "push_host": address[0],
                                                                  "push_port": address[1]})
+        except (WorkerFailed, UpstreamError) as e:
+            await self._cancel_push(push)
+            placed.settle()
+            if isinstance(e, UpstreamError) and e.status not in (502, 503):
+                raise
+            log.warning("the pushing prefill failed (%s); pulling instead", e)
+            return await self._two_phase(charges, request, path, body)
         except BaseException:
             await self._cancel_push(push)
             raise
@@ -272,28 +328,29 @@ class Proxy:
                       pre: dict[str, Any], kvp: dict[str, Any], push: _Push) -> Response:
         """Phase two of a push that started: decode's answer, or a pull where the push failed."""
         chat, stream = path.endswith("chat/completions"), bool(body.get("stream"))
-        pull_body = body | {"kv_transfer_params": kvp}
+        pull_body = body | {"kv_transfer_params": kvp} | ({"return_token_ids": True} if stream else {})
 
-        async def decoded() -> tuple[Placement, httpx.Response]:
+        async def decoded() -> Opened:
             try:
                 return await push.waiting
-            except UpstreamError as e:
+            except (UpstreamError, WorkerFailed) as e:
                 log.warning("KV push to %s failed (%s); pulling instead", push.placed.worker, e)
                 await self._reread_kv_address(push)
-                return await self.up.open(charges, "decode", path, pull_body, stream)
+                failed = {push.placed.worker} if isinstance(e, WorkerFailed) else set()
+                return await self.up.open(charges, "decode", path, pull_body, stream, exclude=failed)
 
         if await request.is_disconnected():
             await self._cancel_push(push)
             await self._release(kvp)
             return Response(status_code=499)
+        mover = self._mover(charges, path, body, "decode", kvp.get("first_token_ids"), kvp)
         if stream:
-            return ChargedStream(self._first_then_decode(decoded, kvp, first_chunk(pre, chat)), charges)
+            return ChargedStream(self._then(mover, decoded, kvp, first_chunk(pre, chat)), charges)
         try:
-            _, dresp = await decoded()
+            answer = (await mover.whole(decoded)).json()
         except UpstreamError:
             await self._release(kvp)
             raise
-        answer = dresp.json()
         prepend_first(answer, pre, chat)
         return JSONResponse(answer)
 
@@ -318,17 +375,13 @@ class Proxy:
         if isinstance(result, tuple):
             await result[1].aclose()
 
-    async def _first_then_decode(self, open_decode: Callable[[], Awaitable[tuple[Placement, httpx.Response]]],
-                                 kvp: dict[str, Any], first: dict[str, Any]) -> AsyncIterator[bytes]:
-        yield sse(first)
-        try:
-            placed, dresp = await open_decode()
-        except UpstreamError as e:
-            await self._release(kvp)
-            yield sse(e.body)
-            yield SSE_DONE
-            return
-        async for chunk in passthrough(placed, dresp):
+    async def _then(self, mover: Mover, open_decode: Callable[[], Awaitable[Opened]], kvp: dict[str, Any],
+                    first: dict[str, Any] | None) -> AsyncIterator[bytes]:
+        """Token 1 from prefill (when given), then the decode stream, wherever it moves."""
+        if first is not None:
+            mover.first_id = (first["id"], first["created"])
+            yield sse(first)
+        async for chunk in mover.stream(open_decode):
             yield chunk
 
     async def _release(self, kvp: dict[str, Any]) -> None:
@@ -355,11 +408,13 @@ def create_app(proxy: Proxy) -> FastAPI:
         await proxy.close()
 
     app = FastAPI(title="disagg proxy", lifespan=lifespan)
+    app.add_middleware(Guard, api_key=proxy.opts.api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "mode": proxy.opts.mode, "pools": proxy.pools(), "routing": proxy.opts.routing,
-                "kv_index": proxy.index.summary(), "load": proxy.policy.outstanding()}
+                "kv_index": proxy.index.summary(), "load": proxy.policy.outstanding(),
+                "workers": proxy.up.breaker.summary()}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -370,7 +425,7 @@ def create_app(proxy: Proxy) -> FastAPI:
         for pool in proxy.pools().values():
             for url in pool:
                 with contextlib.suppress(httpx.HTTPError):
-                    r = await proxy.client.get(url + "/v1/models")
+                    r = await proxy.client.get(url + "/v1/models", timeout=proxy.opts.health_timeout)
                     return Response(r.content, status_code=r.status_code, media_type="application/json")
         return JSONResponse(error_body("no worker is reachable", "bad_gateway", 502), status_code=502)
 

@@ -24,7 +24,6 @@ busy for ever.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -242,6 +241,7 @@ class Charges:
         self.policy = policy
         self._open: list[Placement] = []
         self._swept = False
+        self.migrations = 0  # times this request moved to another worker after its worker failed
 
     def select(self, pool: str, workers: Sequence[str], request: dict[str, Any]) -> Placement:
         worker = self.policy.select(pool, workers, request)
@@ -260,21 +260,3 @@ class Charges:
         for placement in self._open:
             placement.settle()
         self._open.clear()
-
-
-class WorkerHealth:
-    """Workers that just failed a connection are skipped for `cooldown` seconds."""
-
-    def __init__(self, cooldown: float = 5.0) -> None:
-        self.cooldown = cooldown
-        self._down_until: dict[str, float] = {}
-
-    def healthy(self, workers: Sequence[str]) -> list[str]:
-        t = time.monotonic()
-        return [w for w in workers if self._down_until.get(w, 0.0) <= t]
-
-    def mark_down(self, worker: str) -> None:
-        self._down_until[worker] = time.monotonic() + self.cooldown
-
-    def mark_up(self, worker: str) -> None:
-        self._down_until.pop(worker, None)

@@ -1,5 +1,5 @@
-"""The proxy's side facing workers: sending a request to a pool with fallback, passing a stream
-through, and reshaping a prefill worker's answer (token 1) for the client.
+"""The proxy's side facing workers: sending a request to a pool with fallback and deadlines, and
+reshaping a prefill worker's answer (token 1) for the client. Streams go through serve/relay.py.
 
 Every worker tried is charged to the client request's `Charges` (serve/routing.py); a worker that
 failed is settled at once, the one that answered is settled by its caller or by the sweep at the
@@ -17,16 +17,20 @@ import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from disagg.serve.breaker import Breaker, WorkerFailed
+from disagg.serve.options import Resilience
 from disagg.serve.protocol import SSE_DONE, error_body, new_id, now, sse, stream_chunk, usage_chunk
-from disagg.serve.routing import Charges, Placement, WorkerHealth
+from disagg.serve.routing import Charges, Placement
 
 log = logging.getLogger("disagg.proxy")
 
 
 class UpstreamError(Exception):
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        super().__init__(body.get("error", {}).get("message", "upstream error"))
-        self.status, self.body = status, body
+    def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        error = body.get("error")
+        super().__init__(error.get("message", "upstream error") if isinstance(error, dict) else
+                         body.get("message", "upstream error"))
+        self.status, self.body, self.headers = status, body, headers or {}
 
 
 class ChargedStream(StreamingResponse):
@@ -45,24 +49,34 @@ class ChargedStream(StreamingResponse):
 
 
 class Upstream:
-    """Sends to the workers of named pools over one HTTP client. A worker that refuses connections
-    is skipped for a few seconds (`health`); prefills in flight are counted per worker."""
+    """Sends to the workers of named pools over one HTTP client, each send bounded by its phase's
+    deadline (a prefill's answer, a stream's first token, a whole answer) and by the worker's
+    circuit (serve/breaker.py). Before anything was computed (a refused connection, a worker
+    that is overloaded or whose engine is down) the next worker is tried at once; a worker that
+    fails after it took the request raises WorkerFailed, for the caller to migrate or report."""
 
-    def __init__(self, client: httpx.AsyncClient, pools: dict[str, tuple[str, ...]]) -> None:
-        self.client, self.pools = client, pools
-        self.health = WorkerHealth()
+    def __init__(self, client: httpx.AsyncClient, pools: dict[str, tuple[str, ...]], opts: Resilience) -> None:
+        self.client, self.pools, self.opts = client, pools, opts
+        self.breaker = Breaker(opts.breaker_threshold, opts.breaker_cooldown)
         self.prefilling: dict[str, int] = {}  # prefill worker -> requests waiting on its answer
 
+    def healthy(self, workers: tuple[str, ...]) -> list[str]:
+        """The workers a request may go to (all of them when none is known healthy: one may be back)."""
+        return self.breaker.healthy(workers) or list(workers)
+
     async def open(self, charges: Charges, pool: str, path: str, body: dict[str, Any], stream: bool,
-                   only: Placement | None = None) -> tuple[Placement, httpx.Response]:
-        """Send to a worker of `pool` (or to `only`, placed already), moving on to the next one while
-        connections are refused; a non-200 answer raises UpstreamError with the worker's error."""
+                   only: Placement | None = None, exclude: set[str] | None = None) -> tuple[Placement, httpx.Response]:
+        """Send to a worker of `pool` (or to `only`, placed already) other than `exclude`; a 4xx
+        answer raises UpstreamError with the worker's own error."""
         workers = (only.worker,) if only else self.pools[pool]
-        tried: set[str] = set()
+        tried = set(exclude or ())
+        refused: UpstreamError | None = None
         while True:
-            candidates = [w for w in self.health.healthy(workers) if w not in tried] or [
+            candidates = [w for w in self.breaker.healthy(workers) if w not in tried] or [
                 w for w in workers if w not in tried]
             if not candidates:
+                if refused is not None:
+                    raise refused
                 kind = "" if pool == "workers" else f"{pool} "
                 raise UpstreamError(502, error_body(f"no {kind}worker is reachable ({', '.join(workers)})",
                                                     "bad_gateway", 502))
@@ -73,46 +87,50 @@ class Upstream:
                 resp = await self._send(charges, pool, url, path, body, stream)
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 log.warning("worker %s unreachable: %s", url, e)
-                self.health.mark_down(url)
+                self.breaker.failure(url, f"connection refused: {e}", at_once=True)
                 placed.settle()
                 continue
             except BaseException as e:
                 placed.settle()
                 if isinstance(e, httpx.HTTPError):
-                    raise UpstreamError(502, error_body(f"worker {url} failed: {e!r}", "bad_gateway", 502)) from e
+                    self.breaker.failure(url, f"failed mid-request: {e!r}")
+                    raise WorkerFailed(url, f"worker {url} failed: {e!r}") from e
                 raise
-            self.health.mark_up(url)
-            if resp.status_code != 200:
-                placed.settle()
-                raise await _upstream_error(url, resp, stream)
-            return placed, resp
+            if resp.status_code == 200:
+                self.breaker.success(url)
+                return placed, resp
+            placed.settle()
+            error = await _upstream_error(url, resp, stream)
+            if resp.status_code != 503:
+                raise error
+            # overloaded, loading or down: nothing was computed, so another worker may take it now
+            if "engine" in str(error):  # its engine is down or stalled (not a full queue)
+                self.breaker.failure(url, str(error), at_once=True)
+            refused = error
+
+    def _deadline(self, pool: str, stream: bool) -> float:
+        o = self.opts
+        return o.prefill_timeout if pool == "prefill" else o.first_token_timeout if stream else o.timeout
 
     async def _send(self, charges: Charges, pool: str, url: str, path: str, body: dict[str, Any],
                     stream: bool) -> httpx.Response:
-        """One POST. A prefill counts as in flight (--prefill-queue-limit) until its worker answers."""
+        """One POST, until its answer starts (a stream) or ends. A prefill counts as in flight
+        (--prefill-queue-limit) until its worker answers."""
         busy = None
         if pool == "prefill":
             self.prefilling[url] = self.prefilling.get(url, 0) + 1
             busy = charges.hold(url, lambda: self.prefilling.__setitem__(url, self.prefilling[url] - 1))
+        self.breaker.sending(url)
+        what = "prefill" if pool == "prefill" else "the first token" if stream else "the answer"
         try:
-            return await self.client.send(self.client.build_request("POST", url + path, json=body), stream=stream)
+            async with self.breaker.watch(url, self._deadline(pool, stream), what):
+                return await self.client.send(self.client.build_request("POST", url + path, json=body), stream=stream)
+        except WorkerFailed as e:
+            self.breaker.failure(url, str(e))
+            raise
         finally:
             if busy is not None:
                 busy.settle()
-
-
-async def passthrough(placed: Placement, resp: httpx.Response) -> AsyncIterator[bytes]:
-    """A worker's stream, byte for byte; a worker that dies mid-stream ends it with an error event."""
-    try:
-        async for chunk in resp.aiter_raw():
-            yield chunk
-    except httpx.HTTPError as e:
-        log.warning("worker %s failed mid-stream: %r", placed.worker, e)
-        yield sse(error_body(f"worker {placed.worker} failed mid-stream: {e!r}", "bad_gateway", 502))
-        yield SSE_DONE
-    finally:
-        placed.settle()
-        await resp.aclose()
 
 
 async def _upstream_error(url: str, resp: httpx.Response, stream: bool) -> UpstreamError:
@@ -122,8 +140,11 @@ async def _upstream_error(url: str, resp: httpx.Response, stream: bool) -> Upstr
     try:
         err = json.loads(data)
     except ValueError:
+        err = None
+    if not isinstance(err, dict):
         err = error_body(f"worker {url} answered {resp.status_code}", "bad_gateway", 502)
-    return UpstreamError(resp.status_code, err)
+    retry = resp.headers.get("retry-after")
+    return UpstreamError(resp.status_code, err, {"Retry-After": retry} if retry else None)
 
 
 # ---- a prefill worker's answer, reshaped for the client ----

@@ -10,7 +10,11 @@
 All of that is the engine's KV connector's business (engine/connector), configured here from the
 worker's options and serving the worker's KV port. The worker itself is HTTP and formatting: it
 reads a request into one typed `EngineRequest`, hands it to the engine, and streams what comes
-back. Any role serves ordinary requests too. /health is 503 until the model has loaded.
+back. Any role serves ordinary requests too. /health is 503 until the model has loaded, and
+while the engine has work and has finished no step for --stall-timeout seconds. A worker whose
+engine died exits (after answering its open requests), so that its supervisor (`disagg up`,
+systemd, Kubernetes) starts a fresh one; a worker that keeps running with a dead engine only
+answers 503. With --api-key, every route but /health and /metrics needs the key (serve/guard.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,6 +42,7 @@ from disagg.engine.llm_engine import LLMEngine, RequestOutput
 from disagg.errors import DisaggError, ModelNotFoundError
 from disagg.serve.disconnect import unless_disconnected
 from disagg.serve.formatting import Formatter, error_response
+from disagg.serve.guard import Guard
 from disagg.serve.metrics import WorkerMetrics
 from disagg.serve.options import ServeOptions
 from disagg.serve.protocol import (
@@ -70,8 +76,11 @@ class Worker:
         self.load_error: BaseException | None = None
         self.metrics = WorkerMetrics(lambda: self.engine.stats() if self.engine else _EMPTY_STATS)
         self._loading: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.died = False
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._loading = asyncio.create_task(self._load())
 
     async def stop(self) -> None:
@@ -93,12 +102,29 @@ class Worker:
             shared = self.opts.kv_transport == "shm" and self.opts.role != "decode"  # decode workers are not read
             engine = await asyncio.to_thread(LLMEngine, self.engine_config, connector, shared)
             self.metrics.watch_pool(self.kv.tiers)
-            self.engine = AsyncEngine(engine)
+            self.engine = AsyncEngine(engine, on_dead=self._engine_died)
             log.warning("worker ready: %s, role %s, http %s:%d, kv port %s (%s)", self.model_name, self.opts.role,
                         self.opts.host, self.opts.port, self.kv.port.address, self.opts.link().describe())
         except BaseException as e:
             self.load_error = e
             log.error("model failed to load: %s", e)
+
+    def _engine_died(self, error: BaseException) -> None:
+        """On the engine thread: its open requests have their error; stop the server (it answers
+        them first), so that a supervisor starts a fresh worker rather than one that 503s for ever."""
+        log.error("the engine died (%r): this worker exits so that its supervisor restarts it", error)
+        self.died = True
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.call_later, 0.5, os.kill, os.getpid(), signal.SIGTERM)
+
+    def check_health(self) -> None:
+        """EngineNotReady unless the engine is loaded, alive and making progress."""
+        engine = self.ready_engine()
+        stalled = engine.stalled_for()
+        if stalled > self.opts.stall_timeout:
+            raise EngineNotReady(f"the engine has finished no step for {stalled:.0f} s with requests waiting "
+                                 f"(--stall-timeout {self.opts.stall_timeout:g})")
 
     def ready_engine(self) -> AsyncEngine:
         if self.engine is None or not self.engine.alive:
@@ -188,11 +214,15 @@ def create_app(worker: Worker) -> FastAPI:
         await worker.stop()
 
     app = FastAPI(title="disagg worker", lifespan=lifespan)
+    app.add_middleware(Guard, api_key=worker.opts.api_key)
 
     @app.exception_handler(DisaggError)
     async def _disagg_error(request: Request, exc: DisaggError) -> JSONResponse:
         worker.metrics.errors.labels(str(exc.http_status)).inc()
-        return error_response(exc.http_status, str(exc), exc.error_type)
+        response = error_response(exc.http_status, str(exc), exc.error_type)
+        if retry_after := getattr(exc, "retry_after", None):
+            response.headers["Retry-After"] = str(retry_after)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -215,7 +245,7 @@ def create_app(worker: Worker) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         try:
-            worker.ready_engine()
+            worker.check_health()
         except EngineNotReady as e:
             return error_response(503, str(e), "service_unavailable")
         return JSONResponse(worker.health())
@@ -268,5 +298,8 @@ def serve(engine_config: EngineConfig, opts: ServeOptions) -> None:
         if engine_config.threads is None:
             engine_config = dataclasses.replace(engine_config, threads=len(cpus))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run(create_app(Worker(engine_config, opts)), host=opts.host, port=opts.port, log_level=opts.log_level,
+    worker = Worker(engine_config, opts)
+    uvicorn.run(create_app(worker), host=opts.host, port=opts.port, log_level=opts.log_level,
                 timeout_graceful_shutdown=5)
+    if worker.died:
+        raise SystemExit(1)
