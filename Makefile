@@ -23,6 +23,13 @@ $(NIXL): $(STAMP)
 	$(BIN)/pip install -q --no-deps nixl-cu12==1.5.1 || echo "NIXL not installed: its tests will skip"
 	touch $@
 
+# Schemathesis, for tests/test_fuzz.py (generated requests against our OpenAPI documents): a test
+# dependency only, pinned so that its fixed seed generates the same requests everywhere.
+FUZZ := $(VENV)/.fuzz
+$(FUZZ): $(STAMP)
+	$(BIN)/pip install -q schemathesis==4.32.5 || echo "schemathesis not installed: tests/test_fuzz.py will skip"
+	touch $@
+
 # Redis, for the KV pool's shared tier: the tests start their own redis-server on a free port and
 # stop it after; a user without Redis runs with the memory and disk tiers.
 redis-server:
@@ -37,11 +44,11 @@ run: $(STAMP)
 		--input-len 256 --output-len 64 --out-dir results/make-run
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
-test: $(STAMP) $(NIXL) redis-server
+test: $(STAMP) $(NIXL) $(FUZZ) redis-server
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
-test-all: $(STAMP) $(NIXL) redis-server
+test-all: $(STAMP) $(NIXL) $(FUZZ) redis-server
 	$(BIN)/python -m pytest -q -m ''
 
 lint: $(STAMP)

@@ -9,9 +9,9 @@ import pytest
 from test_serve import MODEL, PROMPTS, all_blocks_free, metrics, start, wait_until
 
 
-def _held(prefill: str, prompt: str) -> dict:
+def _held(prefill: str, prompt: str, headers: dict) -> dict:
     """A prefill worker's answer: token 1 and where its KV is held."""
-    r = httpx.post(prefill + "/v1/completions", timeout=60, json={
+    r = httpx.post(prefill + "/v1/completions", timeout=60, headers=headers, json={
         "model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0,
         "kv_transfer_params": {"do_remote_decode": True}})
     assert r.status_code == 200, r.text
@@ -28,8 +28,8 @@ def test_a_decode_request_refused_after_its_kv_was_placed_leaks_no_block(change,
         prefill = next(u for n, u in urls.items() if n.startswith("prefill"))
         decode = next(u for n, u in urls.items() if n.startswith("decode"))
         for prompt in PROMPTS[:2]:
-            kvp = _held(prefill, prompt) | change
-            r = httpx.post(decode + "/v1/completions", timeout=60, json={
+            kvp = _held(prefill, prompt, c.worker_headers) | change
+            r = httpx.post(decode + "/v1/completions", timeout=60, headers=c.worker_headers, json={
                 "model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "kv_transfer_params": kvp}
                 | body)
             assert r.status_code == 400, r.text

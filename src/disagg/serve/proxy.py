@@ -67,8 +67,11 @@ from disagg.serve.breaker import Prober, WorkerFailed
 from disagg.serve.disconnect import unless_disconnected
 from disagg.serve.guard import Guard
 from disagg.serve.kv_index import KVIndex, KVWatcher
+from disagg.serve.openapi import truthful_openapi
 from disagg.serve.options import ProxyOptions
 from disagg.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
     error_body,
     max_tokens_of,
     new_id,
@@ -92,6 +95,8 @@ class Proxy:
         self.routed = Counter("disagg_proxy_requests", "Requests by the path they took: forward (single, "
                               "replicated), remote_prefill, local_prefill (conditional disaggregation), push",
                               ["path"], registry=self.registry)
+        self.migrations = Counter("disagg_proxy_migrations", "Times a request moved to another worker because its "
+                                  "worker died, hung or failed it", registry=self.registry)
         Gauge("disagg_proxy_prefills_in_flight", "Prefill requests waiting on a prefill worker's answer",
               registry=self.registry).set_function(lambda: sum(self.up.prefilling.values()))
         self.kv_client = TcpTransport(Sessions(os.environ.get("DISAGG_KV_SECRET") or None))
@@ -143,7 +148,7 @@ class Proxy:
             return JSONResponse(error_body("request body must be a JSON object"), status_code=400)
         if refused := refusal(body, path.endswith("chat/completions")):
             return JSONResponse(error_body(refused), status_code=400)
-        charges = Charges(self.policy)
+        charges = Charges(self.policy, on_move=self.migrations.inc)
         try:
             # a client that leaves before it is answered cancels the work (the workers see the proxy's
             # connections close and abort theirs); a stream it leaves later ends as streams do
@@ -239,7 +244,7 @@ class Proxy:
                 failed.add(e.worker)
                 if charges.migrations >= self.opts.migration_limit or not set(self.opts.prefill) - failed:
                     raise
-                charges.migrations += 1
+                charges.move()
                 log.warning("%s; prefill moves to another prefill worker", e)
         placed.settle()  # prefill has answered: its part is over
         pre = resp.json()
@@ -254,7 +259,7 @@ class Proxy:
             if isinstance(e, WorkerFailed):  # a prefill worker had it and failed: that is a move
                 if charges.migrations >= self.opts.migration_limit:
                     raise
-                charges.migrations += 1
+                charges.move()
             log.warning("no prefill worker could take it (%s); the decode worker prefills it", e)
             self.routed.labels("local_prefill").inc()
             return await self._forward(charges, "decode", path, body)
@@ -409,6 +414,7 @@ def create_app(proxy: Proxy) -> FastAPI:
 
     app = FastAPI(title="disagg proxy", lifespan=lifespan)
     app.add_middleware(Guard, api_key=proxy.opts.api_key)
+    truthful_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest})
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -61,7 +61,7 @@ class Mover:
         return not self.moved and error.status >= 502 and len(self.pools) > 1 and self._can_move()
 
     async def _move(self, failed: set[str], error: WorkerFailed, stream: bool) -> Opened:
-        self.charges.migrations += 1
+        self.charges.move()
         log.warning("%s; moving the request elsewhere (move %d of %d, %d tokens done)", error,
                     self.charges.migrations, self.up.opts.migration_limit, len(self.generated))
         await self._leave()

@@ -237,11 +237,18 @@ class Charges:
     phase ended (prefill answered, a decode stream closed) and sweeps them all when the client
     request ends, whichever path it took; so every select() meets exactly one on_complete()."""
 
-    def __init__(self, policy: RoutingPolicy) -> None:
+    def __init__(self, policy: RoutingPolicy, on_move: Callable[[], None] | None = None) -> None:
         self.policy = policy
         self._open: list[Placement] = []
         self._swept = False
         self.migrations = 0  # times this request moved to another worker after its worker failed
+        self._on_move = on_move
+
+    def move(self) -> None:
+        """This request leaves a failed worker for another (counted against --migration-limit)."""
+        self.migrations += 1
+        if self._on_move is not None:
+            self._on_move()
 
     def select(self, pool: str, workers: Sequence[str], request: dict[str, Any]) -> Placement:
         worker = self.policy.select(pool, workers, request)

@@ -44,6 +44,7 @@ from disagg.serve.disconnect import unless_disconnected
 from disagg.serve.formatting import Formatter, error_response
 from disagg.serve.guard import Guard
 from disagg.serve.metrics import WorkerMetrics
+from disagg.serve.openapi import truthful_openapi
 from disagg.serve.options import ServeOptions
 from disagg.serve.protocol import (
     SSE_DONE,
@@ -215,6 +216,7 @@ def create_app(worker: Worker) -> FastAPI:
 
     app = FastAPI(title="disagg worker", lifespan=lifespan)
     app.add_middleware(Guard, api_key=worker.opts.api_key)
+    truthful_openapi(app)
 
     @app.exception_handler(DisaggError)
     async def _disagg_error(request: Request, exc: DisaggError) -> JSONResponse:
