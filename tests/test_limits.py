@@ -185,3 +185,45 @@ def test_an_engine_that_dies_fails_its_requests_and_tells_its_server():
     assert told.wait(5)
     assert not ae.alive
     engine.connector.close()
+
+
+def test_pinning_attempts_are_refused_and_do_not_slow_a_legitimate_request():
+    pin = {"model": MODEL, "prompt": "x " * 4000, "max_tokens": 2,
+           "kv_transfer_params": {"do_remote_prefill": True, "push_id": "p", "do_remote_decode": True}}
+    with start("disaggregated", api_key="k3y") as c:
+        prefill = next(u for n, u in c.worker_urls().items() if n.startswith("prefill"))
+        keyed = openai.OpenAI(base_url=c.url + "/v1", api_key="k3y", max_retries=0, timeout=60)
+
+        def latency() -> float:
+            import time
+            t0 = time.perf_counter()
+            keyed.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
+                                     extra_body={"ignore_eos": True})
+            return time.perf_counter() - t0
+
+        latency()  # warm
+        idle = sorted(latency() for _ in range(3))[1]
+        stop, answers = threading.Event(), []
+
+        def attack() -> None:
+            with httpx.Client(timeout=30) as h:
+                while not stop.is_set():
+                    answers.append(h.post(c.url + "/v1/completions", json=pin,
+                                          headers={"Authorization": "Bearer k3y"}).status_code)
+                    answers.append(h.post(prefill + "/v1/completions", json=pin,
+                                          headers={"Authorization": "Bearer k3y"}).status_code)
+
+        attackers = [threading.Thread(target=attack) for _ in range(4)]
+        for t in attackers:
+            t.start()
+        try:
+            busy = sorted(latency() for _ in range(3))[1]
+        finally:
+            stop.set()
+            for t in attackers:
+                t.join()
+        assert set(answers) <= {400, 401}  # the proxy refuses client transfer params; the worker the client's key
+        assert len(answers) > 20
+        assert busy < 2 * idle, (busy, idle)
+        assert all(httpx.get(u + "/metrics").text.count("disagg_kv_blocks_used 0.0") == 1
+                   for u in c.worker_urls().values())

@@ -345,15 +345,15 @@ def test_layer_wise_push_gives_the_same_tokens_and_frees_everything(reference):
         assert wait_until(lambda: all_blocks_free(c), timeout=5)
 
 
-def test_a_push_that_never_comes_does_not_keep_decode_blocks():
-    with start("disaggregated", kv_push=True) as c:
+def test_a_push_that_never_comes_does_not_keep_decode_blocks(reference):
+    with start("disaggregated", kv_push=True, restart=False) as c:
         decode = next(u for n, u in c.worker_urls().items() if n.startswith("decode"))
         victim = c.procs["prefill-0"]
         victim.send_signal(signal.SIGKILL)
         victim.wait()
-        with pytest.raises(openai.APIStatusError) as err:
-            client(c).completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=4)
-        assert err.value.status_code == 502
+        r = client(c).completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=MAX_TOKENS, temperature=0,
+                                         extra_body={"ignore_eos": True})
+        assert r.choices[0].text == reference[3]  # no prefill worker left: the decode worker prefilled it
         # the decode request had reserved blocks for the push; the proxy's cancel frees them long
         # before the 30 s wait would
         assert wait_until(lambda: metrics(decode)["disagg_kv_blocks_used"] == 0, timeout=5)

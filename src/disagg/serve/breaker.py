@@ -112,9 +112,7 @@ class Breaker:
     async def watch(self, worker: str, seconds: float | None, what: str) -> AsyncIterator[None]:
         """Bound an operation on `worker`: WorkerFailed after `seconds` (None: no limit), or as soon
         as its circuit opens."""
-        c = self._get(worker)
-        if c.state is State.OPEN:
-            raise WorkerFailed(worker, f"worker {worker} is out of rotation: {c.reason}")
+        c = self._get(worker)  # an open circuit may be tried (nothing else may be left; it may be back)
         try:
             async with asyncio.timeout(seconds) as timeout:
                 c.watches.add(timeout)
