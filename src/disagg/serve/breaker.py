@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from disagg.serve.protocol import error_body
+
 log = logging.getLogger("disagg.proxy")
 
 
@@ -35,6 +37,7 @@ class WorkerFailed(Exception):
         super().__init__(message)
         self.worker = worker
         self.status, self.error_type = (504, "gateway_timeout") if timed_out else (502, "bad_gateway")
+        self.body, self.headers = error_body(message, self.error_type, self.status), {}  # as UpstreamError's
 
 
 class State(enum.Enum):

@@ -1,7 +1,6 @@
 """The proxy: one OpenAI-compatible endpoint in front of workers, in three modes.
 
-- single / replicated: forward each request to a worker (round-robin), streams passed through
-  byte for byte.
+- single / replicated: forward each request to a worker (streams event by event: serve/relay.py).
 - disaggregated: the two-phase protocol. The request goes to a prefill worker with max_tokens=1
   and kv_transfer_params.do_remote_decode; its answer (token 1 and where the KV is held) goes with
   the original request to a decode worker, which pulls the KV and streams the rest. With
@@ -10,16 +9,13 @@
   the decode worker recomputes the last prompt position, as vLLM's does, and the proxy can front
   vLLM workers.
 
-With --kv-push the decode worker is chosen first and the prefill worker pushes the KV to it layer by
-layer while it computes (kv/push.py); token 1 still comes from prefill. If the push cannot start
-or fails, the decode request is cancelled or fails and the proxy falls back to the pull above.
+With --kv-push the decode worker is chosen first and the prefill worker pushes the KV to it layer
+by layer as it computes (kv/push.py); a push that cannot start or fails falls back to the pull.
 
-Routing (serve/routing.py) is prefix-aware by default: the proxy follows the block hashes each
-worker reports (serve/kv_index.py) and sends a request where most of its prompt is cached, weighed
-against load. Conditional disaggregation: a request whose uncached prompt part is shorter than
---local-prefill-threshold tokens, or that arrives when every prefill worker has
---prefill-queue-limit requests in flight, goes straight to a decode worker, which prefills it
-itself (no KV moves). /metrics counts requests by the path they took.
+Routing (serve/routing.py) is prefix-aware by default, from the block hashes workers report
+(serve/kv_index.py), weighed against load. Conditional disaggregation: a request whose uncached
+part is under --local-prefill-threshold tokens, or that comes when every prefill worker has
+--prefill-queue-limit requests in flight, goes straight to a decode worker, which prefills it.
 
 Failures (serve/breaker.py, serve/relay.py): every phase has a deadline (connect, prefill's
 answer, a stream's first token, the gap between chunks, a whole answer); each worker has a circuit
@@ -29,11 +25,8 @@ a prefill to another prefill worker (or to a decode worker, which prefills itsel
 another worker with the tokens already streamed, up to --migration-limit times; then the client
 gets an error (502, or 504 for a deadline), never a hang.
 
-Every worker a routing policy picks for a client request is charged to that request's `Charges`
-(serve/routing.py): settled where the proxy knows a phase ended (prefill answered, a decode stream
-closed) and all swept when the client request ends (for a stream, once its body has been sent:
-serve/upstream.py), on every path, fallbacks and errors included. /health shows each worker's
-outstanding routing load.
+Every worker picked for a client request is charged to its `Charges` (serve/routing.py), settled
+where a phase ends and all swept when the client request ends, on every path.
 """
 
 from __future__ import annotations
@@ -43,9 +36,7 @@ import contextlib
 import functools
 import json
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -60,13 +51,11 @@ from prometheus_client import (
     generate_latest,
 )
 
-from disagg.kv.address import Address
-from disagg.kv.framing import KVTransferError
-from disagg.kv.tcp import Sessions, TcpTransport
 from disagg.serve.breaker import Prober, WorkerFailed
 from disagg.serve.disconnect import unless_disconnected
 from disagg.serve.guard import Guard
 from disagg.serve.kv_index import KVIndex, KVWatcher
+from disagg.serve.kv_ports import KVPorts, Push
 from disagg.serve.openapi import truthful_openapi
 from disagg.serve.options import ProxyOptions
 from disagg.serve.protocol import (
@@ -99,10 +88,6 @@ class Proxy:
                                   "worker died, hung or failed it", registry=self.registry)
         Gauge("disagg_proxy_prefills_in_flight", "Prefill requests waiting on a prefill worker's answer",
               registry=self.registry).set_function(lambda: sum(self.up.prefilling.values()))
-        self.kv_client = TcpTransport(Sessions(os.environ.get("DISAGG_KV_SECRET") or None))
-        # decode URL -> its KV address, so a push need not wait for /health; read again whenever a
-        # push there did not start or failed (a restarted worker has a new port)
-        self._kv_addresses: dict[str, tuple[str, int]] = {}
         # each phase is bounded by its own deadline (Upstream, Mover); the client's read timeout only
         # backs them up
         read = max(opts.timeout, opts.prefill_timeout, opts.first_token_timeout, opts.stream_idle_timeout)
@@ -111,10 +96,11 @@ class Proxy:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
             headers={"Authorization": f"Bearer {opts.worker_api_key}"} if opts.worker_api_key else None)
         self.up = Upstream(self.client, self.pools(), opts)
+        self.kv = KVPorts(self.client)
         self.watcher: KVWatcher | None = None
         self.prober = Prober(self.up.breaker, self.client, self.workers(), opts.health_interval, opts.health_timeout)
 
-    def workers(self) -> list[str]:
+    def workers(self) -> list[str]:  # each once, in pool order
         return list(dict.fromkeys(w for pool in self.pools().values() for w in pool))
 
     async def start(self) -> None:
@@ -128,14 +114,11 @@ class Proxy:
         if self.watcher is not None:
             await self.watcher.stop()
         await self.client.aclose()
-        self.kv_client.close()
+        self.kv.close()
 
     def pools(self) -> dict[str, tuple[str, ...]]:
-        if self.opts.mode == "disaggregated":
-            return {"prefill": self.opts.prefill, "decode": self.opts.decode}
-        return {"workers": self.opts.worker}
-
-    # ---- modes ----
+        o = self.opts
+        return {"prefill": o.prefill, "decode": o.decode} if o.mode == "disaggregated" else {"workers": o.worker}
 
     async def handle(self, request: Request, path: str) -> Response:
         try:
@@ -153,10 +136,8 @@ class Proxy:
             # a client that leaves before it is answered cancels the work (the workers see the proxy's
             # connections close and abort theirs); a stream it leaves later ends as streams do
             answered, response = await unless_disconnected(request, self._route(charges, request, path, body))
-        except UpstreamError as e:
+        except (UpstreamError, WorkerFailed) as e:
             answered, response = True, JSONResponse(e.body, status_code=e.status, headers=e.headers)
-        except WorkerFailed as e:
-            answered, response = True, JSONResponse(error_body(str(e), e.error_type, e.status), status_code=e.status)
         except BaseException:
             charges.sweep()
             raise
@@ -212,7 +193,7 @@ class Proxy:
         else:
             pools = ("decode", "prefill") if first == "decode" else ("prefill", "decode")
         return Mover(self.up, charges, path, body, pools, generated,
-                     on_leave=(lambda: self._release(kvp)) if kvp is not None else None)
+                     on_leave=(lambda: self.kv.release(kvp)) if kvp is not None else None)
 
     async def _forward(self, charges: Charges, pool: str, path: str, body: dict[str, Any],
                        only: Placement | None = None) -> Response:
@@ -272,7 +253,7 @@ class Proxy:
         if kvp is None:  # token 1 already ended the request (a stop token): that is the answer
             return whole_answer(pre, chat, body)
         if await request.is_disconnected():
-            await self._release(kvp)
+            await self.kv.release(kvp)
             return Response(status_code=499)
         first = self.opts.stream_first_token
         if not first:
@@ -283,11 +264,11 @@ class Proxy:
         opened = functools.partial(self.up.open, charges, "decode", path, dec_body, stream)
         if stream:
             # with token 1 from prefill, it goes out now; decode (KV pull included) runs while the client reads it
-            return ChargedStream(self._then(mover, opened, kvp, first_chunk(pre, chat) if first else None), charges)
+            return ChargedStream(self._then(mover, opened, first_chunk(pre, chat) if first else None), charges)
         try:
             answer = (await mover.whole(opened)).json()
         except UpstreamError:
-            await self._release(kvp)
+            await self.kv.release(kvp)
             raise
         if first:
             prepend_first(answer, pre, chat)
@@ -298,7 +279,7 @@ class Proxy:
         decodes = self.opts.decode
         placed = charges.select("decode", self.up.healthy(decodes), body)
         try:
-            address = self._kv_addresses.get(placed.worker) or await self._read_kv_address(placed.worker)
+            address = await self.kv.address(placed.worker)
         except (httpx.HTTPError, KeyError, TypeError, ValueError) as e:
             log.warning("no KV port known for %s (%r); pulling instead", placed.worker, e)
             placed.settle()  # not used: the pull places the request afresh
@@ -307,30 +288,30 @@ class Proxy:
         stream = bool(body.get("stream"))
         dec_body = body | {"kv_transfer_params": {"do_remote_prefill": True, "push_id": push_id}} | (
             {"return_token_ids": True} if stream else {})
-        push = _Push(placed, address, push_id, asyncio.create_task(
+        push = Push(placed, address, push_id, asyncio.create_task(
             self.up.open(charges, "decode", path, dec_body, stream, only=placed)))
         try:
             pre, kvp = await self._prefill(charges, path, body, {"push_id": push_id, "push_host": address[0],
                                                                  "push_port": address[1]})
         except (WorkerFailed, UpstreamError) as e:
-            await self._cancel_push(push)
+            await self.kv.cancel(push)
             placed.settle()
             if isinstance(e, UpstreamError) and e.status not in (502, 503):
                 raise
             log.warning("the pushing prefill failed (%s); pulling instead", e)
             return await self._two_phase(charges, request, path, body)
         except BaseException:
-            await self._cancel_push(push)
+            await self.kv.cancel(push)
             raise
         if kvp is None or kvp.get("push_id") != push_id:  # no push started: decode must not wait for one
-            await self._reread_kv_address(push)
-            await self._cancel_push(push)
+            await self.kv.reread(push)
+            await self.kv.cancel(push)
             placed.settle()
             return await self._decode_phase(charges, request, path, body, pre, kvp)
         return await self._pushed(charges, request, path, body, pre, kvp, push)
 
     async def _pushed(self, charges: Charges, request: Request, path: str, body: dict[str, Any],
-                      pre: dict[str, Any], kvp: dict[str, Any], push: _Push) -> Response:
+                      pre: dict[str, Any], kvp: dict[str, Any], push: Push) -> Response:
         """Phase two of a push that started: decode's answer, or a pull where the push failed."""
         chat, stream = path.endswith("chat/completions"), bool(body.get("stream"))
         pull_body = body | {"kv_transfer_params": kvp} | ({"return_token_ids": True} if stream else {})
@@ -340,47 +321,26 @@ class Proxy:
                 return await push.waiting
             except (UpstreamError, WorkerFailed) as e:
                 log.warning("KV push to %s failed (%s); pulling instead", push.placed.worker, e)
-                await self._reread_kv_address(push)
+                await self.kv.reread(push)
                 failed = {push.placed.worker} if isinstance(e, WorkerFailed) else set()
                 return await self.up.open(charges, "decode", path, pull_body, stream, exclude=failed)
 
         if await request.is_disconnected():
-            await self._cancel_push(push)
-            await self._release(kvp)
+            await self.kv.cancel(push)
+            await self.kv.release(kvp)
             return Response(status_code=499)
         mover = self._mover(charges, path, body, "decode", kvp.get("first_token_ids"), kvp)
         if stream:
-            return ChargedStream(self._then(mover, decoded, kvp, first_chunk(pre, chat)), charges)
+            return ChargedStream(self._then(mover, decoded, first_chunk(pre, chat)), charges)
         try:
             answer = (await mover.whole(decoded)).json()
         except UpstreamError:
-            await self._release(kvp)
+            await self.kv.release(kvp)
             raise
         prepend_first(answer, pre, chat)
         return JSONResponse(answer)
 
-    async def _read_kv_address(self, url: str) -> tuple[str, int]:
-        health = (await self.client.get(url + "/health", timeout=5)).json()
-        self._kv_addresses[url] = address = (str(health["kv_host"]), int(health["kv_port"]))
-        return address
-
-    async def _reread_kv_address(self, push: _Push) -> None:
-        """After a push that did not start or failed: the decode worker's KV address, read again (a
-        restarted worker listens on a new port), so a cancel reaches it and the next push goes right."""
-        self._kv_addresses.pop(push.placed.worker, None)
-        with contextlib.suppress(httpx.HTTPError, KeyError, TypeError, ValueError):
-            push.address = await self._read_kv_address(push.placed.worker)
-
-    async def _cancel_push(self, push: _Push) -> None:
-        """Tell the decode worker to stop waiting, and drop its request (and answer, if it came)."""
-        with contextlib.suppress(KVTransferError):
-            await asyncio.to_thread(self.kv_client.cancel_push, Address(*push.address), push.push_id)
-        push.waiting.cancel()
-        (result,) = await asyncio.gather(push.waiting, return_exceptions=True)
-        if isinstance(result, tuple):
-            await result[1].aclose()
-
-    async def _then(self, mover: Mover, open_decode: Callable[[], Awaitable[Opened]], kvp: dict[str, Any],
+    async def _then(self, mover: Mover, open_decode: Callable[[], Awaitable[Opened]],
                     first: dict[str, Any] | None) -> AsyncIterator[bytes]:
         """Token 1 from prefill (when given), then the decode stream, wherever it moves."""
         if first is not None:
@@ -388,21 +348,6 @@ class Proxy:
             yield sse(first)
         async for chunk in mover.stream(open_decode):
             yield chunk
-
-    async def _release(self, kvp: dict[str, Any]) -> None:
-        with contextlib.suppress(KVTransferError, KeyError, TypeError):
-            address = Address(kvp["remote_host"], kvp["remote_port"])
-            await asyncio.to_thread(self.kv_client.release, address, kvp["remote_request_id"])
-
-@dataclass
-class _Push:
-    """A push under way: the decode worker waiting for it (`waiting` sends its request), the KV
-    address it listens at, and the push's id."""
-
-    placed: Placement
-    address: tuple[str, int]
-    push_id: str
-    waiting: asyncio.Task[tuple[Placement, httpx.Response]]
 
 
 def create_app(proxy: Proxy) -> FastAPI:

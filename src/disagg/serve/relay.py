@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from disagg.serve.breaker import WorkerFailed
-from disagg.serve.protocol import SSE_DONE, error_body, sse
+from disagg.serve.protocol import SSE_DONE, sse
 from disagg.serve.routing import Charges, Placement
 from disagg.serve.upstream import Upstream, UpstreamError
 
@@ -103,7 +103,7 @@ class Mover:
             except WorkerFailed as e:
                 failed.add(e.worker)
                 if not self._can_move():
-                    raise UpstreamError(e.status, error_body(str(e), e.error_type, e.status)) from e
+                    raise UpstreamError(e.status, e.body) from e
                 opener = functools.partial(self._move, failed, e, False)
 
     # ---- streams ----
@@ -137,7 +137,7 @@ class Mover:
                     return
                 if not self._can_move():
                     await self._leave()
-                    yield sse(error_body(str(e), e.error_type, e.status))
+                    yield sse(e.body)
                     yield SSE_DONE
                     return
                 opener = functools.partial(self._move, failed, e, True)
