@@ -56,9 +56,10 @@ def rss_mib(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-async def one(client: httpx.AsyncClient, url: str, rng: random.Random, tally: Tally) -> None:
-    prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(50, 2000))]
-    out, stream, cancel = rng.randint(1, 128), rng.random() < 0.5, rng.random() < 0.1
+async def one(client: httpx.AsyncClient, url: str, rng: random.Random, tally: Tally,
+              args: argparse.Namespace) -> None:
+    prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(args.min_prompt, args.max_prompt))]
+    out, stream, cancel = rng.randint(1, args.max_output), rng.random() < 0.5, rng.random() < 0.1
     body = {"prompt": prompt, "max_tokens": out, "temperature": 0, "ignore_eos": True, "stream": stream}
     work = asyncio.ensure_future(_send(client, url, body, out, tally))
     if cancel:
@@ -119,7 +120,7 @@ async def load(url: str, args: argparse.Namespace, progress: Progress, label: st
     async with httpx.AsyncClient(timeout=args.client_timeout) as client:
         async def limited() -> None:
             async with gate:
-                await one(client, url, random.Random(rng.random()), tally)
+                await one(client, url, random.Random(rng.random()), tally, args)
             progress.advance(task)
 
         await asyncio.gather(*(limited() for _ in range(args.requests)))
@@ -180,6 +181,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--kill-every", type=float, default=60.0, help="seconds between worker kills")
+    ap.add_argument("--min-prompt", type=int, default=50)
+    ap.add_argument("--max-prompt", type=int, default=2000)
+    ap.add_argument("--max-output", type=int, default=128)
     ap.add_argument("--client-timeout", type=float, default=900.0)
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
@@ -187,6 +191,7 @@ def main() -> None:
         clean = run(args, False, progress)
         faulty = run(args, True, progress)
     table = Table(title=f"soak: {args.requests} requests at concurrency {args.concurrency}, 1P1D {args.model}, "
+                        f"prompts {args.min_prompt}-{args.max_prompt}, outputs 1-{args.max_output}, "
                         f"a worker killed every {args.kill_every:g} s")
     table.add_column("")
     table.add_column("fault-free", justify="right")

@@ -227,3 +227,35 @@ def test_pinning_attempts_are_refused_and_do_not_slow_a_legitimate_request():
         assert busy < 2 * idle, (busy, idle)
         assert all(httpx.get(u + "/metrics").text.count("disagg_kv_blocks_used 0.0") == 1
                    for u in c.worker_urls().values())
+
+
+def _status(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def test_two_thousand_idle_connections_to_a_kv_port_stay_within_a_bound():
+    """Each announces a 1 MiB frame and sends nothing more: the worker serves at most 256 of them
+    (a thread each, closed after the 10 s handshake timeout), refuses the rest on arrival, and grows
+    by less than 64 MiB."""
+    import socket
+    import struct
+
+    with start("single") as c:
+        worker = next(iter(c.worker_urls().values()))
+        pid = c.procs[next(iter(c.worker_urls()))].pid
+        health = httpx.get(worker + "/health").json()
+        rss, threads = _status(pid, "VmRSS"), _status(pid, "Threads")
+        socks = []
+        try:
+            for _ in range(2000):
+                s = socket.create_connection((health["kv_host"], health["kv_port"]), timeout=10)
+                s.sendall(struct.pack(">I", 1 << 20))
+                socks.append(s)
+            assert _status(pid, "Threads") <= threads + 256 + 2
+            assert _status(pid, "VmRSS") - rss < 64 * 1024  # kB
+            body = {"prompt": "Hi", "max_tokens": 2}  # the worker serves meanwhile
+            assert httpx.post(c.url + "/v1/completions", json=body, timeout=60).status_code == 200
+        finally:
+            for s in socks:
+                s.close()

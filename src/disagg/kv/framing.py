@@ -73,14 +73,18 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def read_frame(sock: socket.socket) -> dict[str, Any]:
+def read_frame(sock: socket.socket, limit: int = MAX_FRAME) -> dict[str, Any]:
     head = bytearray(4)
     recv_exact(sock, memoryview(head))
     (n,) = struct.unpack(">I", head)
-    if n > MAX_FRAME:
-        raise KVTransferError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
-    body = bytearray(n)
-    recv_exact(sock, memoryview(body))
+    if n > limit:
+        raise KVTransferError(f"frame of {n} bytes exceeds the {limit}-byte limit")
+    body = bytearray()
+    while len(body) < n:  # grown as bytes arrive: a length announced and never sent costs nothing
+        chunk = sock.recv(min(n - len(body), 1 << 16))
+        if not chunk:
+            raise ConnectionError("peer closed the connection")
+        body += chunk
     obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
     if not isinstance(obj, dict):
         raise KVTransferError("frame is not a map")

@@ -17,8 +17,8 @@ cache's memory, `recv_into` straight into the decode's cache blocks, an XXH3 tra
 the bytes pass), or through shared memory (kv/shm.py) or NIXL (kv/nixl.py). The server serves
 every mover it was given; a client transport uses one.
 
-A shared secret (DISAGG_KV_SECRET) turns the challenge on; binding anywhere but loopback requires
-one. Every field from the network is checked before use.
+A shared secret (DISAGG_KV_SECRET) turns the challenge on (binding beyond loopback needs one).
+Every field from the network is checked before use; a frame's memory grows only as it arrives.
 """
 
 from __future__ import annotations
@@ -58,9 +58,10 @@ from disagg.kv.transport import (
 )
 
 MAX_PAYLOAD = 64 << 30
-# A port's connections: the handshake must be done within HANDSHAKE_TIMEOUT, and no read after it
-# waits longer than IDLE_TIMEOUT (a push waits for prefill to compute each layer, hence the margin;
-# the pusher itself gives up after as long). A silent peer costs a thread that long, never for ever.
+# A port's connections: the handshake (at most AUTH_FRAME bytes from the peer) must be done within
+# HANDSHAKE_TIMEOUT, and no read after it waits longer than IDLE_TIMEOUT (a push waits for prefill
+# to compute each layer; the pusher gives up after as long). A silent peer costs a thread that long.
+AUTH_FRAME = 4096
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 600.0
 # At most this many connections are served at once (a thread each); more are closed on arrival.
@@ -165,7 +166,7 @@ class TcpPort:
         send_frame(conn, {"challenge": nonce})
         if nonce is None:
             return True
-        msg = read_frame(conn)
+        msg = read_frame(conn, limit=AUTH_FRAME)
         answer = msg.get("mac")
         if msg.get("op") == "auth" and isinstance(answer, str) and hmac.compare_digest(
                 answer, challenge_mac(self._secret, nonce)):
