@@ -18,8 +18,7 @@ the bytes pass), or through shared memory (kv/shm.py) or NIXL (kv/nixl.py). The 
 every mover it was given; a client transport uses one.
 
 A shared secret (DISAGG_KV_SECRET) turns the challenge on (binding beyond loopback needs one).
-Every field from the network is checked before use; a frame's memory grows only as it arrives.
-"""
+Every field from the network is checked before use; a frame's memory grows only as it arrives."""
 
 from __future__ import annotations
 
@@ -64,9 +63,7 @@ MAX_PAYLOAD = 64 << 30
 AUTH_FRAME = 4096
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 600.0
-# At most this many connections are served at once (a thread each); more are closed on arrival.
-# Each peer keeps a few (kv/tcp.py Sessions: 4 idle per port) plus one per transfer in flight.
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = 256  # served at once, a thread each (more are closed on arrival); a peer keeps ~4
 
 
 class Mover(Protocol):
