@@ -102,7 +102,8 @@ class Breaker:
             log.warning("worker %s taken out of rotation (circuit open): %s", worker, c.reason)
         c.state, c.opened_at, c.trial = State.OPEN, time.monotonic(), False
         for watch in c.watches:  # everything waiting on it fails now
-            watch.reschedule(asyncio.get_running_loop().time())
+            if not watch.expired():  # (one expiring already is failing anyway)
+                watch.reschedule(asyncio.get_running_loop().time())
 
     def state(self, worker: str) -> State:
         return self._get(worker).state

@@ -155,7 +155,8 @@ class Mover:
                 self.up.breaker.failure(worker, f"failed mid-stream: {e!r}")
                 raise WorkerFailed(worker, f"worker {worker} failed mid-stream: {e!r}") from e
             except WorkerFailed as e:
-                self.up.breaker.failure(worker, str(e))
+                if e.status == 504:  # its own deadline passed (an open circuit has counted already)
+                    self.up.breaker.failure(worker, str(e))
                 raise
             if chunk is None:
                 raise WorkerFailed(worker, f"worker {worker} ended its stream before [DONE]")

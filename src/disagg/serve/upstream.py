@@ -126,7 +126,8 @@ class Upstream:
             async with self.breaker.watch(url, self._deadline(pool, stream), what):
                 return await self.client.send(self.client.build_request("POST", url + path, json=body), stream=stream)
         except WorkerFailed as e:
-            self.breaker.failure(url, str(e))
+            if e.status == 504:  # its own deadline passed (an open circuit has counted already)
+                self.breaker.failure(url, str(e))
             raise
         finally:
             if busy is not None:
