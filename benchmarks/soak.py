@@ -143,6 +143,10 @@ def run(args: argparse.Namespace, faults: bool, progress: Progress) -> dict:
     engine = EngineConfig(model=args.model, device="cpu", kv_cache_memory="1GiB")
     opts = UpOptions(arch="disaggregated", budget=2, port=free_port(), **NO_KV_POOL)
     with Cluster(opts, engine).start() as cluster:
+        # a warm-up at the load's concurrency first: the KV cache's pages are touched as it fills,
+        # which is not growth
+        asyncio.run(load(cluster.url, argparse.Namespace(**vars(args) | {"requests": args.concurrency}), progress,
+                         "warm-up"))
         pids = {n: p.pid for n, p in cluster.procs.items()}
         rss0 = {n: rss_mib(pid) for n, pid in pids.items()}
         stop, kills = threading.Event(), []
