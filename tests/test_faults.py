@@ -44,6 +44,13 @@ def free_on(url: str) -> bool:
     return m["disagg_kv_blocks_used"] == 0 and m["disagg_kv_held_requests"] == 0 and m["disagg_requests_running"] == 0
 
 
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def stream_ids(url: str, body: dict, on_chunk=None, timeout: float = 120) -> tuple[list[int], str, list[dict]]:
     """Stream a completion: (token ids, text, error events); `on_chunk(n)` runs after chunk n."""
     ids, text, errors, n = [], "", [], 0
@@ -230,3 +237,30 @@ def test_a_kv_transfer_cut_or_corrupted_on_the_wire_is_recomputed(undisturbed, f
         assert held["choices"][0]["text"] + r.json()["choices"][0]["text"] == undisturbed["short"][1]
         assert metrics(decode)["disagg_kv_pull_failures_total"] == 1
         assert wait_until(lambda: free_on(decode) and free_on(prefill), timeout=10)  # the lease, at worst
+
+
+def test_a_stream_moves_back_to_a_worker_that_failed_before_and_came_back():
+    """Replicated: the serving worker is killed (the stream moves to the other); once it is back,
+    the other is killed too, and the stream moves back to the restarted one."""
+    with start("replicated", **FAST) as c:
+        body = GREEDY | {"prompt": PROMPTS[3], "max_tokens": 300}
+        expected = stream_ids(c.url, body)[:2]
+        names = list(c.worker_urls())
+        state: dict[str, str] = {}
+
+        def serving() -> str:
+            return next(n for n in names if metrics(c.worker_urls()[n])["disagg_requests_running"] == 1)
+
+        def on_chunk(n: int) -> None:
+            if n == 10:
+                state["first"] = serving()
+                kill(c, state["first"])
+            elif "first" in state and "second" not in state and c.restarts.get(state["first"]) == 1 and \
+                    healthy(c.worker_urls()[state["first"]]):
+                state["second"] = next(x for x in names if x != state["first"])
+                kill(c, state["second"])
+
+        ids, text, errors = stream_ids(c.url, body, on_chunk=on_chunk)
+        assert "second" in state, "the first worker did not come back while the stream ran"
+        assert not errors, errors
+        assert (ids, text) == expected

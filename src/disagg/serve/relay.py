@@ -13,9 +13,11 @@ fails is sent again whole. Up to --migration-limit moves per request, then an er
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -60,7 +62,9 @@ class Mover:
         kind of worker may, before anything was generated."""
         return not self.moved and error.status >= 502 and len(self.pools) > 1 and self._can_move()
 
-    async def _move(self, failed: set[str], error: WorkerFailed, stream: bool) -> Opened:
+    async def _move(self, error: WorkerFailed, stream: bool) -> Opened:
+        """To any worker but the one that just failed (one that failed earlier and came back, a
+        restarted worker, may take it: its circuit says whether it is healthy)."""
         self.charges.move()
         log.warning("%s; moving the request elsewhere (move %d of %d, %d tokens done)", error,
                     self.charges.migrations, self.up.opts.migration_limit, len(self.generated))
@@ -71,16 +75,19 @@ class Mover:
             body["return_token_ids"] = True
         if self.generated:  # the tokens the client has, prefilled with the prompt on the new worker
             body["kv_transfer_params"] = {"do_remote_prefill": True, "first_token_ids": self.generated}
-        last: UpstreamError | None = None
-        for pool in self.pools:
-            try:
-                return await self.up.open(self.charges, pool, self.path, body, stream, exclude=failed)
-            except UpstreamError as e:
-                if e.status < 500:
-                    raise
-                last = e
-        assert last is not None
-        raise last
+        # workers that are down or still loading (a restart) come back in seconds: try again for as
+        # long as a stream may be silent, the failed worker too after the first round
+        deadline = time.monotonic() + self.up.opts.stream_idle_timeout
+        exclude = {error.worker}
+        while True:
+            for pool in self.pools:
+                try:
+                    return await self.up.open(self.charges, pool, self.path, body, stream, exclude=exclude)
+                except UpstreamError as e:
+                    if e.status < 500 or time.monotonic() > deadline:
+                        raise
+            exclude = set()
+            await asyncio.sleep(0.5)
 
     async def _leave(self) -> None:
         if self.on_leave is not None:
@@ -90,7 +97,6 @@ class Mover:
     async def whole(self, open_first: Callable[[], Awaitable[Opened]]) -> httpx.Response:
         """A non-streamed answer, sent again elsewhere while its worker fails (UpstreamError when it
         cannot be had)."""
-        failed: set[str] = set()
         opener = open_first
         while True:
             try:
@@ -99,18 +105,16 @@ class Mover:
             except UpstreamError as e:
                 if not self._elsewhere(e):
                     raise
-                opener = functools.partial(self._move, failed, WorkerFailed("", str(e)), False)
+                opener = functools.partial(self._move, WorkerFailed("", str(e)), False)
             except WorkerFailed as e:
-                failed.add(e.worker)
                 if not self._can_move():
                     raise UpstreamError(e.status, e.body) from e
-                opener = functools.partial(self._move, failed, e, False)
+                opener = functools.partial(self._move, e, False)
 
     # ---- streams ----
 
     async def stream(self, open_first: Callable[[], Awaitable[Opened]]) -> AsyncIterator[bytes]:
         """The client's SSE stream, from whichever workers serve it."""
-        failed: set[str] = set()
         opener = open_first
         while True:
             try:
@@ -124,14 +128,13 @@ class Mover:
                     await resp.aclose()
             except UpstreamError as e:
                 if self._elsewhere(e):
-                    opener = functools.partial(self._move, failed, WorkerFailed("", str(e)), True)
+                    opener = functools.partial(self._move, WorkerFailed("", str(e)), True)
                     continue
                 await self._leave()
                 yield sse(e.body)
                 yield SSE_DONE
                 return
             except WorkerFailed as e:
-                failed.add(e.worker)
                 if self.finished:  # it failed after its last token: the answer is whole
                     yield SSE_DONE
                     return
@@ -140,7 +143,7 @@ class Mover:
                     yield sse(e.body)
                     yield SSE_DONE
                     return
-                opener = functools.partial(self._move, failed, e, True)
+                opener = functools.partial(self._move, e, True)
 
     async def _events(self, placed: Placement, resp: httpx.Response) -> AsyncIterator[bytes]:
         """One worker's events, until [DONE]; WorkerFailed if it dies, hangs or fails first."""
