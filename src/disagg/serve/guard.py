@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from disagg.kv.address import is_loopback
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and scrapers need no key (vLLM's semantics)
 MAX_BODY_BYTES = 32 * 1024 * 1024  # far beyond any prompt a context holds, far below what hurts a worker
@@ -72,3 +75,11 @@ async def _reply(send: Send, status: int, message: str, err_type: str, code: Any
     headers += [(k.encode(), v.encode()) for k, v in extra.items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def warn_if_open(host: str, api_key: str | None, what: str) -> None:
+    """Say so when a server anyone on the network may reach has no key (it still starts: a private
+    network may be what the user wants)."""
+    if not api_key and not is_loopback(host):
+        logging.getLogger("disagg").warning("%s listens on %s with no --api-key: anyone who reaches it may use it "
+                                            "(and, for a worker, pin its KV); set --api-key", what, host)

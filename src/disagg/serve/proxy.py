@@ -53,7 +53,7 @@ from prometheus_client import (
 
 from disagg.serve.breaker import Prober, WorkerFailed
 from disagg.serve.disconnect import unless_disconnected
-from disagg.serve.guard import Guard
+from disagg.serve.guard import Guard, warn_if_open
 from disagg.serve.kv_index import KVIndex, KVWatcher
 from disagg.serve.kv_ports import KVPorts, Push
 from disagg.serve.openapi import truthful_openapi
@@ -395,5 +395,6 @@ def run_proxy(opts: ProxyOptions) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    warn_if_open(opts.host, opts.api_key, "the proxy")
     uvicorn.run(create_app(Proxy(opts)), host=opts.host, port=opts.port, log_level=opts.log_level,
                 timeout_graceful_shutdown=5)

@@ -42,7 +42,7 @@ from disagg.engine.llm_engine import LLMEngine, RequestOutput
 from disagg.errors import DisaggError, ModelNotFoundError
 from disagg.serve.disconnect import unless_disconnected
 from disagg.serve.formatting import Formatter, error_response
-from disagg.serve.guard import Guard
+from disagg.serve.guard import Guard, warn_if_open
 from disagg.serve.metrics import WorkerMetrics
 from disagg.serve.openapi import truthful_openapi
 from disagg.serve.options import ServeOptions
@@ -300,6 +300,7 @@ def serve(engine_config: EngineConfig, opts: ServeOptions) -> None:
         if engine_config.threads is None:
             engine_config = dataclasses.replace(engine_config, threads=len(cpus))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    warn_if_open(opts.host, opts.api_key, "this worker")
     worker = Worker(engine_config, opts)
     uvicorn.run(create_app(worker), host=opts.host, port=opts.port, log_level=opts.log_level,
                 timeout_graceful_shutdown=5)
