@@ -107,6 +107,8 @@ def test_chat_streaming_with_usage(cluster):
                                         stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"  # OpenAI streams open with the role
+    assert [c.choices[0].delta.role for c in chunks if c.choices].count("assistant") == 1  # once
+    assert len({c.id for c in chunks}) == 1  # one id, whichever worker sent the chunk
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "Paris" in text
     assert chunks[-1].usage is not None

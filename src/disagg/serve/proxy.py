@@ -344,7 +344,7 @@ class Proxy:
                     first: dict[str, Any] | None) -> AsyncIterator[bytes]:
         """Token 1 from prefill (when given), then the decode stream, wherever it moves."""
         if first is not None:
-            mover.first_id = (first["id"], first["created"])
+            mover.first_id, mover.role_sent = (first["id"], first["created"]), True
             yield sse(first)
         async for chunk in mover.stream(open_decode):
             yield chunk

@@ -51,6 +51,7 @@ class Mover:
         self.finished = False  # a choice has its finish_reason: nothing is left to generate
         self.moved = False
         self.first_id: tuple[Any, Any] | None = None  # (id, created) of the stream the client sees
+        self.role_sent = False  # a chat stream's role goes once, on its first chunk
 
     # ---- moving ----
 
@@ -210,5 +211,8 @@ class Mover:
         if not self.want_ids:
             choice.pop("token_ids", None)
             choice.pop("prompt_token_ids", None)
-        if self.moved and isinstance(choice.get("delta"), dict):
-            choice["delta"].pop("role", None)  # the client had it from the first worker
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and "role" in delta:
+            if self.role_sent:  # the client had it (from prefill's token 1, or the worker before a move)
+                del delta["role"]
+            self.role_sent = True
